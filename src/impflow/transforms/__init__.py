@@ -1,0 +1,5 @@
+"""Bijections x -> z with log-determinants. See :mod:`impflow.transforms.base` for the contract."""
+
+from .base import Compose, Inverse, Transform, check_input
+
+__all__ = ["Transform", "Compose", "Inverse", "check_input"]
