@@ -76,10 +76,15 @@ class Flow(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.log_prob(x)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n samples x = f⁻¹(z), z ~ base: (n, *event_shape)."""
+    def rsample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n samples x = f⁻¹(z), z ~ base: (n, *event_shape), differentiable in the parameters."""
         z = self.base.sample(n, generator=generator)
         return self.transform.inverse(z)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n samples x = f⁻¹(z), z ~ base: (n, *event_shape), without a graph."""
+        return self.rsample(n, generator=generator)
 
     def sample_and_log_prob(
         self, n: int, generator: torch.Generator | None = None
@@ -95,9 +100,8 @@ class Flow(nn.Module):
 
 
 class FlowDistribution(Distribution):
-    """``torch.distributions`` wrapper around a :class:`Flow` (sampling is not reparameterised
-    through the solver for implicit blocks, but gradients of ``rsample`` do flow through
-    every transform that supports autograd)."""
+    """``torch.distributions`` wrapper around a :class:`Flow`; ``rsample`` is differentiable in
+    the flow's parameters (through root solves by the implicit function theorem)."""
 
     arg_constraints: dict = {}
     support = constraints.real_vector
@@ -116,7 +120,7 @@ class FlowDistribution(Distribution):
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         n = math.prod(sample_shape)
-        x = self.flow.sample(n)
+        x = self.flow.rsample(n)
         return x.reshape(*sample_shape, *self.event_shape)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:

@@ -1,0 +1,68 @@
+"""ResidualBlock (i-ResNet / Residual Flow): z = x + g(x), Lip(g) < 1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+from ..logdet import LogDetConfig, residual_logdet
+from ..solvers import SolveInfo, SolverConfig, solve_residual
+from .base import Transform, check_input
+
+__all__ = ["ResidualBlock"]
+
+
+def _event_shape(g: nn.Module) -> tuple[int, ...] | None:
+    if hasattr(g, "event_shape"):
+        return tuple(g.event_shape)
+    if hasattr(g, "dim"):
+        return (int(g.dim),)
+    return None
+
+
+class ResidualBlock(Transform):
+    """z = x + g(x) with Lip(g) < 1 (g e.g. a :class:`~impflow.nn.LipschitzMLP`).
+
+    log|det ∂z/∂x| = log det(I + J_g(x)) by the estimator ``logdet`` ("exact", "unbiased"
+    or "neumann", or a :class:`~impflow.logdet.LogDetConfig`); :func:`impflow.exact_logdet`
+    overrides it. The inverse solves x + g(x) = z with the shared solver; the statistics of
+    the last inverse are in :attr:`last_solve`.
+
+    Shapes: x, z (batch, *event) with event = g's (``g.dim`` or ``g.event_shape``).
+    """
+
+    def __init__(
+        self,
+        g: nn.Module | Callable[[Tensor], Tensor],
+        logdet: str | LogDetConfig = "exact",
+        solver: SolverConfig | None = None,
+        event_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.g = g
+        self.logdet = logdet if isinstance(logdet, LogDetConfig) else LogDetConfig(mode=logdet)
+        self.solver = solver if solver is not None else SolverConfig()
+        self.event_shape = tuple(event_shape) if event_shape is not None else _event_shape(g)
+        self.last_solve: SolveInfo | None = None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_input(x, self.event_shape)
+        gx, ladj, _ = residual_logdet(self.g, x, self.logdet)
+        return x + gx, ladj
+
+    def map(self, x: Tensor) -> Tensor:
+        """x + g(x) without the log-determinant."""
+        return x + self.g(x)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        check_input(z, self.event_shape, name="z")
+        x, self.last_solve = solve_residual(self.g, z, self.solver)
+        return x
+
+    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.inverse(z)
+        _, ladj, J = residual_logdet(self.g, x, self.logdet)
+        if J is not None:
+            self.last_solve.jacobian = J
+        return x, -ladj
