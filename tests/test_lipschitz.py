@@ -38,7 +38,7 @@ def test_bound_is_product_of_exact_layer_norms():
     for m in layers:
         expected *= float(torch.linalg.svdvals(m.normalized_weight().detach())[0])
     assert abs(lipschitz_bound(g) - expected) < 1e-12
-    assert expected <= 0.9 ** 2 + 1e-9
+    assert expected <= 0.9**2 * (1 + 1e-6)  # orthogonal init: singular values tie to float32 noise
 
 
 def test_spectral_linear_enforces_coeff_and_leaves_small_weights():

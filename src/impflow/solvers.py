@@ -61,7 +61,8 @@ class SolverConfig:
 
     Attributes:
         method: ``"broyden"`` (quasi-Newton with Armijo line search) or ``"fixed_point"``.
-        tol: absolute tolerance on each sample's ‖F‖₂; None picks :func:`default_tol`.
+        tol: absolute tolerance on each sample's ‖F‖₂; None picks :func:`default_tol`; 0 runs
+            exactly ``max_iter`` iterations.
         max_iter: iteration cap of the main method.
         memory: Broyden rank; the low-rank inverse-Jacobian restarts from I when full.
         line_search: Armijo backtracking (α = 1, ½, ¼) on ½‖F‖², then a fixed-point step.
@@ -264,7 +265,8 @@ def find_root(
     tol = config.tol if config.tol is not None else default_tol(x0.dtype)
     eps = torch.finfo(x0.dtype).eps
     scale = x0.new_zeros(B) if scale is None else scale.to(x0)
-    thresh = torch.clamp(8 * eps * (1 + scale), min=tol)
+    # tol = 0 asks for exactly max_iter iterations (fixed budgets, benchmarks)
+    thresh = torch.clamp(8 * eps * (1 + scale), min=tol) if tol > 0 else torch.zeros_like(scale)
     counter = _Counter(F, B)
     x = x0.clone()
     fx = counter(x, None)

@@ -64,5 +64,5 @@ class ResidualBlock(Transform):
         x = self.inverse(z)
         _, ladj, J = residual_logdet(self.g, x, self.logdet)
         if J is not None:
-            self.last_solve.jacobian = J
+            self.last_solve.jacobian = J.detach()
         return x, -ladj

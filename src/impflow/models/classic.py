@@ -1,0 +1,175 @@
+"""Builders for the classic flows, each returning an :class:`impflow.Flow` with a standard-normal
+base: vectors with ``dim=d``, images with ``shape=(C, H, W)`` where the model has an image form
+(then a :class:`~impflow.transforms.reshape.MultiScale` of ``levels`` levels).
+
+Every step starts with an :class:`~impflow.transforms.normalization.ActNorm`
+(data-dependent initialisation on the first training-mode forward pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..flow import Flow
+from ..transforms.autoregressive import MaskedAutoregressive
+from ..transforms.base import Compose, Transform
+from ..transforms.coupling import (
+    Coupling,
+    alternating_mask,
+    channel_mask,
+    checkerboard_mask,
+    half_mask,
+)
+from ..transforms.dlf import DynamicLinear
+from ..transforms.linear import InvertibleConv1x1, LULinear
+from ..transforms.normalization import ActNorm
+from ..transforms.reshape import MultiScale, StepFactory
+
+__all__ = ["realnvp", "glow", "maf", "nsf", "dlf", "linear"]
+
+VectorStep = Callable[[int, int], Transform]  # (dim, step index) -> one step
+
+
+def _flow(
+    dim: int | None,
+    shape: Sequence[int] | None,
+    steps: int,
+    vector_step: VectorStep,
+    image_step: StepFactory | None = None,
+    levels: int = 2,
+    hidden: int = 64,
+) -> Flow:
+    """A Flow of ``steps`` vector steps (``dim=``) or a multi-scale image model (``shape=``)."""
+    if (dim is None) == (shape is None):
+        raise ValueError("give exactly one of dim= (vectors) or shape= (images)")
+    if dim is not None:
+        return Flow(Compose([vector_step(dim, k) for k in range(steps)]), event_shape=(dim,))
+    if image_step is None:
+        raise ValueError("this model has no image form; flatten the images and pass dim=")
+    shape = tuple(shape)
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W), got {shape}")
+    return Flow(MultiScale(shape, levels, steps, image_step, hidden), event_shape=shape)
+
+
+def _mixing(dim: int) -> LULinear:
+    """An LU-parameterised linear layer starting at a random rotation (mixes all features)."""
+    return LULinear(dim, weight=torch.linalg.qr(torch.randn(dim, dim))[0])
+
+
+def realnvp(
+    dim: int | None = None,
+    shape: Sequence[int] | None = None,
+    steps: int = 4,
+    levels: int = 2,
+    hidden: int = 64,
+) -> Flow:
+    """RealNVP (Dinh et al. 2017): affine couplings with alternating masks.
+
+    Vectors: ActNorm → Coupling(alternating mask, parity k). Images: per level, steps
+    alternate checkerboard masks (parities 0, 1) and channel masks (parities 0, 1); channel
+    masks only once the image is 1×1.
+    """
+
+    def vector_step(d: int, k: int) -> Transform:
+        return Compose(ActNorm(d), Coupling(alternating_mask(d, k), hidden=hidden))
+
+    def image_step(s: tuple[int, int, int], k: int) -> Transform:
+        checkerboard = (k // 2) % 2 == 0 and s[1] * s[2] > 1
+        mask = checkerboard_mask(s, k) if checkerboard else channel_mask(s, k)
+        return Compose(ActNorm(s[0]), Coupling(mask, hidden=hidden))
+
+    return _flow(dim, shape, steps, vector_step, image_step, levels, hidden)
+
+
+def glow(
+    dim: int | None = None,
+    shape: Sequence[int] | None = None,
+    steps: int = 4,
+    levels: int = 2,
+    hidden: int = 64,
+    lu: bool = True,
+) -> Flow:
+    """Glow (Kingma & Dhariwal 2018): ActNorm → invertible 1×1 conv → affine channel coupling.
+
+    Vectors use an :class:`LULinear` in place of the 1×1 conv and a half mask.
+    """
+
+    def vector_step(d: int, k: int) -> Transform:
+        return Compose(ActNorm(d), _mixing(d), Coupling(half_mask(d), hidden=hidden))
+
+    def image_step(s: tuple[int, int, int], k: int) -> Transform:
+        c = s[0]
+        return Compose(ActNorm(c), InvertibleConv1x1(c, lu=lu), Coupling(channel_mask(s), hidden=hidden))
+
+    return _flow(dim, shape, steps, vector_step, image_step, levels, hidden)
+
+
+def maf(
+    dim: int,
+    steps: int = 4,
+    hidden: int | Sequence[int] = (64, 64),
+    transformer: str = "affine",
+    **transformer_kwargs,
+) -> Flow:
+    """MAF (Papamakarios et al. 2017): ActNorm → MaskedAutoregressive, the order reversed
+    every other step. Vectors only."""
+
+    def vector_step(d: int, k: int) -> Transform:
+        order = torch.arange(d) if k % 2 == 0 else torch.arange(d - 1, -1, -1)
+        made = MaskedAutoregressive(d, transformer, hidden, order, **transformer_kwargs)
+        return Compose(ActNorm(d), made)
+
+    return _flow(dim, None, steps, vector_step)
+
+
+def nsf(
+    dim: int,
+    steps: int = 4,
+    hidden: int = 64,
+    bins: int = 8,
+    bound: float = 3.0,
+    autoregressive: bool = False,
+) -> Flow:
+    """Neural Spline Flow (Durkan et al. 2019): ActNorm → LULinear → rational-quadratic spline
+    coupling (NSF-RQ-C; half mask) or, with ``autoregressive=True``, spline MAF (RQ-AR).
+    Vectors only (dim ≥ 2 for the coupling form)."""
+
+    def vector_step(d: int, k: int) -> Transform:
+        if autoregressive:
+            layer = MaskedAutoregressive(d, "spline", (hidden, hidden), bins=bins, bound=bound)
+        else:
+            layer = Coupling(half_mask(d), "spline", hidden=hidden, bins=bins, bound=bound)
+        return Compose(ActNorm(d), _mixing(d), layer)
+
+    return _flow(dim, None, steps, vector_step)
+
+
+def dlf(
+    dim: int | None = None,
+    shape: Sequence[int] | None = None,
+    steps: int = 4,
+    levels: int = 2,
+    partitions: int = 2,
+    hidden: int = 64,
+) -> Flow:
+    """Dynamic Linear Flow (Liao et al. 2019): ActNorm → 1×1 conv → DynamicLinear (channel
+    partitions, conv conditioners) in a Glow-style multi-scale model; vectors use LULinear and
+    MLP conditioners."""
+
+    def vector_step(d: int, k: int) -> Transform:
+        return Compose(ActNorm(d), _mixing(d), DynamicLinear(d, partitions, hidden))
+
+    def image_step(s: tuple[int, int, int], k: int) -> Transform:
+        c = s[0]
+        return Compose(ActNorm(c), InvertibleConv1x1(c), DynamicLinear(c, partitions, hidden, image=True))
+
+    return _flow(dim, shape, steps, vector_step, image_step, levels, hidden)
+
+
+def linear(dim: int) -> Flow:
+    """ActNorm → LULinear: z = W·diag(e^s)·(x + b) + c, any invertible affine map. Trained, it
+    is the best Gaussian fit: an affine flow of a standard normal is exactly a Gaussian."""
+    return Flow(Compose(ActNorm(dim), LULinear(dim)), event_shape=(dim,))

@@ -1,0 +1,157 @@
+"""Coupling layers, masks and elementwise transformers.
+
+Also holds the bijection checks shared with the other test files of the classic family
+(``from test_coupling import check_bijection, check_gradients, perturb``).
+"""
+
+import pytest
+import torch
+from conftest import jacobian_logdet
+
+from impflow.nn.conditioners import MLP
+from impflow.transforms.coupling import (
+    AffineTransformer,
+    Coupling,
+    alternating_mask,
+    channel_mask,
+    checkerboard_mask,
+    half_mask,
+)
+
+IMAGE = (4, 4, 4)  # (C, H, W)
+
+
+def perturb(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
+    """Add noise to every parameter, so zero-initialised last layers make no trivial identity."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn_like(p))
+    return module
+
+
+def check_bijection(t, x, tol: float = 1e-9, brute_force: bool = True, **kwargs) -> None:
+    """Round trip, inverse_and_log_det consistency and (float64) ladj against the brute-force
+    Jacobian; ``kwargs`` (batched tensors, e.g. ``context=``) go to every call."""
+    z, ladj = t(x, **kwargs)
+    assert z.shape == x.shape and z.dtype == x.dtype
+    assert ladj.shape == (x.shape[0],)
+    assert (z - x).abs().max() > 1e-3, "the transform is (nearly) the identity: test is trivial"
+    assert (t.inverse(z, **kwargs) - x).abs().max() < tol
+    x_back, ladj_inv = t.inverse_and_log_det(z, **kwargs)
+    assert (x_back - x).abs().max() < tol
+    assert (ladj_inv + ladj).abs().max() < tol * 10
+    if brute_force:
+        rows = [{k: c[i : i + 1] for k, c in kwargs.items()} for i in range(x.shape[0])]
+        expected = torch.cat(
+            [jacobian_logdet(lambda v: t(v, **row)[0], x[i : i + 1]) for i, row in enumerate(rows)]
+        )
+        assert (ladj - expected).abs().max() < tol
+
+
+def check_gradients(t, x, **kwargs) -> None:
+    """The loss ½‖z‖² − ladj reaches every parameter of t with a nonzero gradient."""
+    z, ladj = t(x, **kwargs)
+    (0.5 * z.pow(2).sum() - ladj.sum()).backward()
+    for name, p in t.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+TRANSFORMERS = ["affine", "additive", "spline"]
+
+
+def vector_coupling(transformer, mask=None, **kwargs):
+    return Coupling(half_mask(5) if mask is None else mask, transformer, hidden=16, **kwargs)
+
+
+@pytest.mark.parametrize("transformer", TRANSFORMERS)
+@pytest.mark.parametrize("mask", [half_mask(5), half_mask(5, 1), alternating_mask(5, 1)])
+def test_vector_coupling_float64(transformer, mask):
+    t = perturb(vector_coupling(transformer, mask)).double()
+    x = 1.5 * torch.randn(6, 5, dtype=torch.float64)
+    check_bijection(t, x)
+    z, _ = t(x)
+    assert torch.equal(z[:, mask], x[:, mask])  # the conditioning part passes through
+
+
+def test_piecewise_linear_coupling():
+    t = perturb(vector_coupling("piecewise_linear", bins=5)).double()
+    x = torch.rand(6, 5, dtype=torch.float64)
+    check_bijection(t, x)
+    x[:, t.mask] += 3  # only the transformed part must lie in [0, 1]
+    check_bijection(t, x)
+    x[:, ~t.mask] += 3
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        t(x)
+
+
+@pytest.mark.parametrize("transformer", TRANSFORMERS + ["piecewise_linear"])
+def test_coupling_float32_and_gradients(transformer):
+    t = perturb(vector_coupling(transformer))
+    x = torch.rand(8, 5)
+    check_bijection(t, x, tol=1e-4, brute_force=False)
+    check_gradients(t, x)
+
+
+@pytest.mark.parametrize(
+    "mask", [make(IMAGE, parity) for make in (checkerboard_mask, channel_mask) for parity in (0, 1)]
+)
+@pytest.mark.parametrize("transformer", ["affine", "spline"])
+def test_image_coupling(mask, transformer):
+    t = perturb(Coupling(mask, transformer, hidden=8), std=0.1).double()
+    x = torch.randn(3, *IMAGE, dtype=torch.float64)
+    check_bijection(t, x)
+    check_gradients(t, x)
+    assert torch.equal(t(x)[0][:, mask], x[:, mask])
+
+
+def test_custom_conditioner():
+    t = perturb(Coupling(half_mask(4), "affine", conditioner=MLP(4, 4 * 2, hidden=(8,)))).double()
+    check_bijection(t, torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_zero_init_is_identity():
+    cases = [(vector_coupling("affine"), torch.randn(4, 5)), (Coupling(channel_mask(IMAGE)), torch.randn(2, *IMAGE))]
+    for t, x in cases:
+        z, ladj = t(x)
+        assert torch.equal(z, x) and torch.equal(ladj, torch.zeros(x.shape[0]))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_affine_coupling_expands_and_contracts(sign):
+    """One layer reaches scales far from 1 both ways: |dz_b/dx_b| > 2 (expansion) or < 1/2."""
+    t = vector_coupling("affine").double()
+    t.conditioner.net[-1].bias.data.view(5, 2)[:, 1] = sign * 2.0  # raw log-scale
+    x = torch.randn(3, 5, dtype=torch.float64)
+    z, ladj = t(x)
+    transformed = ~t.mask
+    scale = z[:, transformed] / x[:, transformed]  # shift is 0: z_b = s · x_b
+    assert (scale > 2).all() if sign > 0 else (scale < 0.5).all()
+    assert torch.allclose(ladj, jacobian_logdet(lambda v: t(v)[0], x))
+
+
+def test_affine_scale_bound_is_smooth():
+    a = AffineTransformer(scale_bound=3.0)
+    raw = torch.linspace(-15, 15, 101, dtype=torch.float64)
+    params = torch.stack([torch.zeros_like(raw), raw], dim=-1)
+    _, log_scale = a(torch.ones_like(raw), params)
+    assert log_scale.abs().max() < 3.0 and log_scale.max() > 2.9
+    assert (log_scale.diff() > 0).all()  # strictly monotone in the raw output: no flat clamp
+
+
+def test_masks():
+    assert half_mask(5).tolist() == [True, True, True, False, False]
+    assert (~half_mask(5)).tolist() == half_mask(5, 1).tolist()
+    assert alternating_mask(4).tolist() == [True, False, True, False]
+    cb = checkerboard_mask((2, 2, 2))
+    assert cb[0].tolist() == [[True, False], [False, True]] and torch.equal(cb[0], cb[1])
+    ch = channel_mask((4, 2, 2), 1)
+    assert not ch[:2].any() and ch[2:].all()
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="mask"):
+        Coupling(torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="transformer"):
+        Coupling(half_mask(4), "quadratic")
+    with pytest.raises(ValueError, match="shape"):
+        vector_coupling("affine")(torch.randn(2, 4))

@@ -1,0 +1,279 @@
+import math
+
+import pytest
+import torch
+from conftest import jacobian_logdet
+
+from impflow.transforms.elementwise import (
+    LeakyReLU,
+    Logit,
+    PiecewiseLinear,
+    RationalQuadraticSpline,
+    Sigmoid,
+    piecewise_linear,
+    rational_quadratic_spline,
+)
+
+D = 4
+BOUND = 2.0
+SEEDS = [0, 1, 2]
+PHI = torch.tensor([0.2, 0.1, 0.4, 0.05, 0.25], dtype=torch.float64)
+
+LAYERS = {
+    "leaky_relu": lambda: LeakyReLU(0.3),
+    "leaky_relu_fixed": lambda: LeakyReLU(0.3, learnable=False),
+    "piecewise_linear": lambda: PiecewiseLinear(D, bins=5),
+    "spline": lambda: RationalQuadraticSpline(D, bins=6, bound=BOUND),
+    "sigmoid": lambda: Sigmoid(),
+    "logit": lambda: Logit(0.05),
+    "sigmoid_image": lambda: Sigmoid(),
+    "logit_image": lambda: Logit(0.05),
+}
+UNIT_DOMAIN = {"piecewise_linear", "logit", "logit_image"}  # inputs in [0, 1]
+LATENT_UNIT = {"piecewise_linear", "sigmoid", "sigmoid_image"}  # outputs in (0, 1)
+
+
+def make(name, seed):
+    """The layer in float64 with every parameter perturbed away from its (trivial) init."""
+    torch.manual_seed(seed)
+    layer = LAYERS[name]().double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    return layer
+
+
+def inputs(name, dtype=torch.float64, batch=4, latent=False):
+    """Points in the layer's domain (or its codomain with ``latent``); the spline's straddle ±B."""
+    shape = (batch, 2, 2, 2) if name.endswith("image") else (batch, D)
+    if name in (LATENT_UNIT if latent else UNIT_DOMAIN):
+        return torch.rand(shape, dtype=dtype).clamp(1e-3, 1 - 1e-3)
+    return 1.5 * BOUND * torch.randn(shape, dtype=dtype)
+
+
+def spline_params(shape, K, derivatives=None):
+    derivatives = K - 1 if derivatives is None else derivatives
+    return (
+        torch.randn(*shape, K, dtype=torch.float64),
+        torch.randn(*shape, K, dtype=torch.float64),
+        torch.randn(*shape, derivatives, dtype=torch.float64),
+    )
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_round_trip_float64(name, seed):
+    layer = make(name, seed)
+    x = inputs(name)
+    z, _ = layer(x)
+    assert not torch.allclose(z, x)
+    assert (layer.inverse(z) - x).abs().max() < 1e-10
+    u = inputs(name, latent=True)
+    assert (layer(layer.inverse(u))[0] - u).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_logdet_matches_brute_force_jacobian(name, seed):
+    layer = make(name, seed)
+    x = inputs(name, batch=3)
+    _, ladj = layer(x)
+    assert ladj.shape == (3,)
+    assert (ladj - jacobian_logdet(layer, x)).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_inverse_logdet_is_minus_forward(name):
+    layer = make(name, 0)
+    z = inputs(name, latent=True)
+    x, ladj_inv = layer.inverse_and_log_det(z)
+    assert (x - layer.inverse(z)).abs().max() < 1e-12
+    assert (ladj_inv + layer(x)[1]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_reach_every_parameter(name):
+    layer = make(name, 0)
+    z, ladj = layer(inputs(name).requires_grad_())
+    (-0.5 * z.pow(2).flatten(1).sum(1) + ladj).sum().backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", [n for n, new in LAYERS.items() if list(new().parameters())])
+def test_parameter_gradients_match_finite_differences(name):
+    layer = make(name, 0)
+    x = inputs(name, batch=2)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def outputs(*params):  # one tensor: gradcheck skips outputs that do not require grad
+        z, ladj = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+        return torch.cat([z.flatten(), ladj])
+
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    assert torch.autograd.gradcheck(outputs, params)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_float32(name):
+    layer64 = make(name, 0)
+    layer = make(name, 0).float()
+    x = inputs(name, torch.float32)
+    z, ladj = layer(x)
+    assert z.dtype == ladj.dtype == torch.float32
+    assert (layer.inverse(z) - x).abs().max() < 1e-4
+    z64, ladj64 = layer64(x.double())
+    assert (z - z64).abs().max() < 1e-4 and (ladj - ladj64).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["piecewise_linear", "spline"])
+def test_identity_at_init(name):
+    x = inputs(name, dtype=torch.float32)
+    layer = LAYERS[name]()
+    z, ladj = layer(x)
+    assert (z - x).abs().max() < 1e-5 and ladj.abs().max() < 1e-5
+    x_back, ladj_inv = layer.inverse_and_log_det(x)  # linear bins: the quadratic degenerates
+    assert (x_back - x).abs().max() < 1e-5 and ladj_inv.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["piecewise_linear", "spline"])
+def test_wrong_shape_is_a_clear_error(name):
+    layer = make(name, 0)
+    with pytest.raises(ValueError, match="expected"):
+        layer(torch.rand(3, D + 1, dtype=torch.float64))
+
+
+def test_leaky_relu_logdet_counts_negative_entries():
+    layer = LeakyReLU(0.25).double()
+    x = torch.tensor([[-1.0, 2.0, -3.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    z, ladj = layer(x)
+    assert torch.allclose(z[0], torch.tensor([-0.25, 2.0, -0.75], dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(ladj, torch.tensor([2 * math.log(0.25), 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="positive"):
+        LeakyReLU(0.0)
+
+
+def test_logit_squashes_pixel_extremes():
+    layer = Logit(0.05)
+    x = torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64)
+    z, ladj = layer(x)
+    expected = [[math.log(0.05 / 0.95), math.log(0.95 / 0.05), 0.0]]
+    assert torch.allclose(z, torch.tensor(expected, dtype=torch.float64))
+    assert torch.isfinite(ladj).all()
+    with pytest.raises(ValueError, match="Logit"):
+        layer(torch.tensor([[1.5]]))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        Sigmoid().inverse(torch.tensor([[1.0]]))
+
+
+# ----------------------------------------------------------------------------- piecewise-linear
+
+
+def test_piecewise_linear_demo_bin_edges_are_cumulative_phi():
+    layer = PiecewiseLinear.from_probabilities(PHI)
+    edges = torch.linspace(0, 1, 6, dtype=torch.float64)[:, None]
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), PHI.cumsum(0)])
+    assert (layer(edges)[0].squeeze(1) - cumulative).abs().max() < 1e-12
+    assert (layer.inverse(cumulative[:, None]) - edges).abs().max() < 1e-12
+
+
+def test_piecewise_linear_demo_density_and_inverse():
+    layer = PiecewiseLinear.from_probabilities(PHI)
+    n = 100_000
+    x = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None]  # midpoints of a fine grid
+    z, ladj = layer(x)
+    density = ladj.exp()  # p(x) = p_U(f(x)) · f'(x) with a uniform base
+    assert abs(density.sum().item() / n - 1) < 1e-6
+    slopes = 5 * PHI
+    assert torch.allclose(density, slopes.repeat_interleave(n // 5))
+    assert (layer.inverse(z) - x).abs().max() < 1e-12
+    u = torch.linspace(0, 1, 1001, dtype=torch.float64)[:, None]
+    assert (layer(layer.inverse(u))[0] - u).abs().max() < 1e-12
+
+
+def test_piecewise_linear_demo_samples_follow_phi():
+    layer = PiecewiseLinear.from_probabilities(PHI)
+    x = layer.inverse(torch.rand(200_000, 1, dtype=torch.float64))  # x = f⁻¹(u), u ~ U[0, 1]
+    counts = torch.bincount((5 * x.squeeze(1)).long().clamp(max=4), minlength=5) / x.shape[0]
+    assert (counts - PHI).abs().max() < 5e-3
+
+
+def test_piecewise_linear_function_per_sample_parameters():
+    x = torch.rand(6, 3, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(6, 3, 7, dtype=torch.float64)
+    y, logabsdet = piecewise_linear(x, logits)
+    (dy,) = torch.autograd.grad(y.sum(), x)
+    assert (dy.log() - logabsdet).abs().max() < 1e-12
+    x_back, logabsdet_inv = piecewise_linear(y, logits, inverse=True)
+    assert (x_back - x).abs().max() < 1e-12
+    assert (logabsdet_inv + logabsdet).abs().max() < 1e-12
+
+
+def test_piecewise_linear_rejects_inputs_outside_unit_interval():
+    logits = torch.zeros(5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        piecewise_linear(torch.tensor([[0.5, 1.01]]), logits)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        PiecewiseLinear(1).inverse(torch.tensor([[-0.1]]))
+    with pytest.raises(ValueError, match="sum to 1"):
+        PiecewiseLinear.from_probabilities([0.5, 0.6])
+
+
+# ----------------------------------------------------------------------------- rational-quadratic spline
+
+
+@pytest.mark.parametrize("derivatives", ["interior", "all"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_spline_function_per_sample_parameters(seed, derivatives):
+    torch.manual_seed(seed)
+    K = 5
+    x = (1.5 * BOUND * torch.randn(64, 3, dtype=torch.float64)).requires_grad_()
+    params = spline_params(x.shape, K, K - 1 if derivatives == "interior" else K + 1)
+    y, logabsdet = rational_quadratic_spline(x, *params, bound=BOUND)
+    (dy,) = torch.autograd.grad(y.sum(), x)
+    assert (dy.log() - logabsdet).abs().max() < 1e-10
+    x_back, logabsdet_inv = rational_quadratic_spline(y, *params, inverse=True, bound=BOUND)
+    assert (x_back - x).abs().max() < 1e-10
+    assert (logabsdet_inv + logabsdet).abs().max() < 1e-10
+    outside = x.abs() > BOUND
+    assert outside.any() and (~outside).any()
+    assert torch.equal(y[outside], x[outside])
+    assert torch.equal(logabsdet[outside], torch.zeros_like(y[outside]))
+    assert (y[~outside].abs() <= BOUND).all()
+
+
+def test_spline_is_monotone_and_continuous_with_linear_tails():
+    params = spline_params((1,), 6)
+    x = torch.linspace(-2 * BOUND, 2 * BOUND, 20_001, dtype=torch.float64)[:, None]
+    y, logabsdet = rational_quadratic_spline(x, *params, bound=BOUND)
+    steps = y.diff(dim=0)
+    assert (steps > 0).all()
+    assert steps.max() < 1e-2  # no jumps
+    edges = torch.tensor([[-BOUND], [BOUND]], dtype=torch.float64)
+    y_edges, logabsdet_edges = rational_quadratic_spline(edges, *params, bound=BOUND)
+    assert (y_edges - edges).abs().max() < 1e-12  # knots at ±B are fixed
+    assert logabsdet_edges.abs().max() < 1e-12  # derivative 1 at ±B: the tails join smoothly
+
+
+def test_spline_knots_map_onto_height_knots():
+    w, h, d = spline_params((1,), 4)
+    xs = -BOUND + 2 * BOUND * torch.softmax(w, -1).cumsum(-1)[..., :-1]
+    ys = -BOUND + 2 * BOUND * torch.softmax(h, -1).cumsum(-1)[..., :-1]
+    y, _ = rational_quadratic_spline(xs.T, w, h, d, bound=BOUND, min_bin_width=0.0, min_bin_height=0.0)
+    assert (y - ys.T).abs().max() < 1e-12
+
+
+def test_spline_bad_parameters_are_clear_errors():
+    x = torch.zeros(2, 3)
+    w, h, d = (t.float() for t in spline_params((2, 3), 4))
+    with pytest.raises(ValueError, match="K − 1"):
+        rational_quadratic_spline(x, w, h, w)
+    with pytest.raises(ValueError, match="heights"):
+        rational_quadratic_spline(x, w, h[..., :3], d)
+    with pytest.raises(ValueError, match="too large"):
+        rational_quadratic_spline(x, w, h, d, min_bin_width=0.3)
+    with pytest.raises(ValueError, match="unnormalized_widths"):
+        rational_quadratic_spline(x, w[:1, :2], h, d)
