@@ -6,6 +6,7 @@ from .logdet import LogDetConfig, exact_logdet
 from .nn import LipschitzMLP, lipschitz_bound
 from .solvers import ConvergenceError, ConvergenceWarning, SolverConfig
 from .transforms import ActNorm, Compose, ImplicitBlock, Inverse, ResidualBlock, Transform
+from .train import load
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "nn",
     "solvers",
     "transforms",
+    "load",
 ]

@@ -80,6 +80,11 @@ class SpectralLinear(nn.Module):
         self.v.copy_(v)
         self._seen_version = self.weight._version
 
+    def mark_current(self) -> None:
+        """Declare ``u``, ``v`` current for the present W (e.g. after loading a checkpoint whose
+        vectors were refined for its weights), so the next call does not refine them again."""
+        self._seen_version = self.weight._version
+
     def _apply(self, fn, recurse=True):
         # a dtype/device move re-runs the power iteration at the new precision on next use
         self._seen_version = -1

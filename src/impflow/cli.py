@@ -1,0 +1,236 @@
+"""The ``impflow`` command: train, evaluate, sample and plot flows on 2-D toy densities.
+
+Exit codes: 0 success, 1 training stopped on a non-finite loss, 2 bad input (unknown names,
+missing or incompatible runs, bad settings), 130 interrupted (Ctrl-C; training saves first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, has_checkpoint
+from .config import FIELDS, PRESETS, ConfigError, RunConfig, coerce, parse_bool, parse_hidden, preset_help, resolve
+from .train import Trainer, evaluate_run, plot_run, sample_run
+
+__all__ = ["main", "build_parser"]
+
+EXIT_CODES = {"done": 0, "non-finite": 1, "interrupted": 130}
+DEMO_OUT = "runs/demo"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (with a pointer to --help) instead of the full usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _arg_type(name: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            return coerce(name, text, source=None)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; unset flags stay out of the namespace (config/preset decide)."""
+    group = parser.add_argument_group("run settings (also settable in --config YAML by the same name)")
+    for name, f in FIELDS.items():
+        if name == "preset":
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown = "" if f.default is None else f" (default: {f.default})"
+        if f.metadata["parse"] is parse_bool:
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            metavar = {int: "N", float: "X", parse_hidden: "W,W"}.get(f.metadata["parse"], name.upper())
+            group.add_argument(flag, type=_arg_type(name), default=argparse.SUPPRESS, metavar=metavar,
+                               help=f.metadata["help"] + shown)
+    group.add_argument("--config", type=Path, metavar="FILE.yaml",
+                       help="YAML mapping of settings; flags override it, it overrides the preset")
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, metavar="RUN", help="run directory written by `impflow train`")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default: best)")
+    parser.add_argument("--device", type=_arg_type("device"), default=FIELDS["device"].default,
+                        help=FIELDS["device"].metadata["help"] + " (default: auto)")
+    parser.add_argument("--threads", type=_arg_type("threads"), default=FIELDS["threads"].default,
+                        help="CPU threads (0: all cores; default 1, see `impflow train --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="impflow",
+        description="Implicit Normalizing Flows (ImpFlow) and Residual Flows on 2-D densities. "
+        "NLLs are in nats per example (bits = nats / ln 2).",
+        epilog="Quick start: impflow demo --out runs/demo",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    presets = preset_help()
+
+    train = sub.add_parser(
+        "train",
+        help="train a flow",
+        description="Train a flow by maximum likelihood. Settings: defaults < --preset < --config < flags. "
+        "Writes RUN/config.json, checkpoints (last and best), history.json and plots.",
+        epilog=presets + "\n\nexample: impflow train --preset paper-fig3 --out runs/fig3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--out", type=Path, required=True, metavar="RUN", help="run directory")
+    train.add_argument("--preset", choices=tuple(PRESETS), help="start from a preset (listed below)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue RUN exactly from its last checkpoint (only steps, eval-every, log-every, device, "
+                       "threads, quiet may change)")
+    _add_run_options(train)
+    train.set_defaults(handler=_train)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train the demo preset, then print the evaluation and the plot paths (`make demo`)",
+        description="Train the `demo` preset (resuming RUN if it holds a run), print the eval JSON and the plots.",
+        epilog=presets,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--out", type=Path, default=Path(DEMO_OUT), metavar="RUN",
+                      help=f"run directory (default: {DEMO_OUT})")
+    _add_run_options(demo)
+    demo.set_defaults(handler=_demo)
+
+    ev = sub.add_parser("eval", help="print test NLL, baselines and solver statistics of a run as JSON")
+    _add_runtime_options(ev)
+    ev.add_argument("-n", "--n-test", type=int, default=20000, help="fresh held-out test points (default: 20000)")
+    ev.set_defaults(handler=_eval)
+
+    sample = sub.add_parser("sample", help="draw samples from a trained run into a .npy file")
+    _add_runtime_options(sample)
+    sample.add_argument("-n", type=int, default=10000, help="number of samples (default: 10000)")
+    sample.add_argument("-o", "--output", type=Path, help="output .npy file (default: RUN/samples.npy)")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    sample.set_defaults(handler=_sample)
+
+    plot = sub.add_parser("plot", help="write PNGs of the learned density, samples and training curve")
+    _add_runtime_options(plot)
+    plot.set_defaults(handler=_plot)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Non-finite floats as null (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _print_plots(paths: dict[str, Path]) -> None:
+    print("plots:")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+
+
+def _fit(config: RunConfig, explicit: dict[str, Any], out: Path, resume: bool) -> tuple[int, str]:
+    """Train (or resume) a run and print how it ended. Returns the exit code and the run's device."""
+    trainer = Trainer.resume(out, explicit) if resume else Trainer(config, out)
+    _set_threads(trainer.config.threads)
+    result = trainer.fit()
+    print(result.message, file=sys.stdout if result.status == "done" else sys.stderr)
+    return EXIT_CODES[result.status], str(trainer.device)
+
+
+def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in FIELDS}
+
+
+def _train(args: argparse.Namespace) -> int:
+    config, explicit = resolve(args.preset, args.config, _run_flags(args))
+    code, device = _fit(config, explicit, args.out, args.resume)
+    if code == 0:
+        _print_plots(plot_run(args.out, device=device))
+    return code
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config, explicit = resolve("demo", args.config, _run_flags(args))
+    code, device = _fit(config, explicit, args.out, resume=has_checkpoint(args.out))
+    if code == 0:
+        plots = plot_run(args.out, device=device)
+        print(json.dumps(_jsonable(evaluate_run(args.out, device=device)), indent=2))
+        _print_plots(plots)
+    return code
+
+
+def _prepare(args: argparse.Namespace) -> str:
+    """Apply --threads; the device to load on."""
+    _set_threads(args.threads)
+    return args.device
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.n_test < 2:
+        raise ConfigError(f"--n-test must be at least 2, got {args.n_test}")
+    report = evaluate_run(args.run, args.which, args.n_test, _prepare(args))
+    print(json.dumps(_jsonable(report), indent=2))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise ConfigError(f"-n must be at least 1, got {args.n}")
+    samples = sample_run(args.run, args.n, args.seed, args.which, _prepare(args))
+    path = args.output if args.output is not None else args.run / "samples.npy"
+    np.save(path, samples.numpy())
+    print(path)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    _print_plots(plot_run(args.run, args.which, _prepare(args)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``impflow`` command with ``argv`` (default: sys.argv[1:]); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has already printed
+        return e.code if isinstance(e.code, int) else 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"impflow: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"impflow: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("impflow: interrupted", file=sys.stderr)
+        return 130

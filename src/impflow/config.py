@@ -1,0 +1,309 @@
+"""Run configuration for ``impflow train``: defaults < preset < YAML file < command-line flags.
+
+:class:`RunConfig` lists every setting once; the CLI builds its flags from the fields (their
+``help`` metadata) and a YAML file may set any of them by the same name (``batch_size`` or
+``batch-size``). :func:`model_builder` maps ``--model NAME`` to a builder and
+:func:`model_kwargs` turns the config into that builder's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import models
+from .data import toy2d
+from .flow import Flow
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "PRESETS",
+    "DTYPES",
+    "model_names",
+    "model_builder",
+    "model_kwargs",
+    "resolve",
+    "coerce",
+    "FIELDS",
+    "RESUMABLE",
+    "preset_help",
+]
+
+DTYPES = ("float32", "float64")
+SCHEDULES = ("cosine", "constant")
+LOGDETS = ("exact", "unbiased", "neumann")
+CLASSIC_MODELS = ("realnvp", "glow", "maf", "nsf", "dlf", "linear")
+
+
+class ConfigError(ValueError):
+    """A bad setting (unknown name, wrong type, out of range); the message is one line."""
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """``"128,128"`` -> ``(128, 128)``."""
+    try:
+        sizes = tuple(int(s) for s in str(text).split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers like 128,128, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"expected positive layer widths like 128,128, got {text!r}")
+    return sizes
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"expected true or false, got {text!r}")
+
+
+def _opt(default: Any, help: str, parse: Callable[[str], Any] = str, resumable: bool = False) -> Any:
+    """A RunConfig field: ``parse`` reads it from text, ``resumable`` fields may change on --resume."""
+    return field(default=default, metadata={"help": help, "parse": parse, "resumable": resumable})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run (see ``impflow train --help``)."""
+
+    data: str = _opt("checkerboard", f"toy dataset: {', '.join(toy2d.NAMES)}")
+    model: str = _opt("impflow", "model name (impflow, resflow, or a classic flow: " + ", ".join(CLASSIC_MODELS) + ")")
+    blocks: int | None = _opt(None, "number of blocks/steps (default: 4 for impflow, 8 for resflow)", int)
+    hidden: tuple[int, ...] | None = _opt(None, "hidden widths of each network, e.g. 128,128", parse_hidden)
+    coeff: float | None = _opt(None, "spectral-norm bound of every layer, in (0, 1) (default 0.97)", float)
+    activation: str | None = _opt(None, "lipswish, sine, elu or tanh (default lipswish)")
+    logdet: str | None = _opt(
+        None, "training log-det estimator: exact, unbiased or neumann (default exact in 2-D); evaluation is exact"
+    )
+    steps: int = _opt(2000, "total optimisation steps", int, resumable=True)
+    batch_size: int = _opt(1024, "training minibatch size", int)
+    lr: float = _opt(1e-3, "peak Adam learning rate", float)
+    warmup: int = _opt(0, "linear learning-rate warm-up steps", int)
+    schedule: str = _opt("cosine", "learning-rate decay after warm-up: cosine (to 0 at --steps) or constant")
+    clip: float = _opt(10.0, "gradient-norm clipping threshold (0: off)", float)
+    train_size: int = _opt(0, "0: fresh samples every step; N: a fixed training set of N points", int)
+    seed: int = _opt(0, "seed of the model initialisation and of the training data", int)
+    dtype: str = _opt("float32", "float32 or float64")
+    eval_every: int = _opt(250, "steps between evaluations (exact log-det) and checkpoints", int, resumable=True)
+    eval_size: int = _opt(10000, "held-out validation points (a different seed from training)", int)
+    log_every: int = _opt(
+        100, "steps between history records (and log lines when stdout is not a terminal)", int, resumable=True
+    )
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda if available)", resumable=True)
+    threads: int = _opt(
+        1,
+        "CPU intra-op threads (0: all cores). Default 1: on the shared 2-core machines a 4-block 2-D ImpFlow "
+        "(128-128 networks, batch 1024 or 5000) trained 4-14x faster with 1 thread than with 2, with the "
+        "other core busy or not (benchmarks/results/threads.json)",
+        int,
+        resumable=True,
+    )
+    quiet: bool = _opt(False, "no progress output", parse_bool, resumable=True)
+    preset: str | None = _opt(None, "the preset this run started from (informational)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", coerce("hidden", self.hidden, "RunConfig"))  # a list or int -> tuple
+        if self.data not in toy2d.NAMES:
+            raise ConfigError(f"unknown dataset {self.data!r}; valid names: {', '.join(toy2d.NAMES)}")
+        model_builder(self.model)
+        for name in ("steps", "batch_size", "eval_every", "eval_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "train_size", "threads", "clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.blocks is not None and self.blocks < 1:
+            raise ConfigError(f"blocks must be at least 1, got {self.blocks}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.coeff is not None and not 0 < self.coeff < 1:
+            raise ConfigError(f"coeff must lie in (0, 1), got {self.coeff}")
+        for name, valid in (("dtype", DTYPES), ("schedule", SCHEDULES), ("logdet", LOGDETS)):
+            value = getattr(self, name)
+            if value is not None and value not in valid:
+                raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "RunConfig":
+        """Build from a mapping of field names (dashes allowed) to values or text."""
+        return cls(**{k: coerce(k, v, source) for k, v in _normalize(values, source).items()})
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+RESUMABLE = tuple(name for name, f in FIELDS.items() if f.metadata["resumable"])
+
+
+def _normalize(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"{source}: unknown setting {key!r}; valid: {', '.join(FIELDS)}")
+        out[name] = value
+    return out
+
+
+def coerce(name: str, value: Any, source: str | None = "config") -> Any:
+    """Convert ``value`` (text, or a YAML scalar/list) to the type of field ``name``; errors name
+    ``source`` and the field unless ``source`` is None."""
+    if value is None:
+        return None
+    parse = FIELDS[name].metadata["parse"]
+    kind = {int: "an integer", float: "a number", parse_bool: "true or false"}.get(parse, "text")
+    prefix = f"{source}: {name}: " if source else ""
+    if name == "hidden" and isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    if (isinstance(value, bool) and parse is not parse_bool) or (parse is int and isinstance(value, float)):
+        raise ConfigError(f"{prefix}expected {kind}, got {value!r}")
+    try:
+        return parse(value)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{prefix}expected {kind}, got {value!r}") from None
+
+# --------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo": (
+        "a 4-block ImpFlow on checkerboard in a few minutes on 2 CPU cores (what `make demo` runs)",
+        dict(data="checkerboard", model="impflow", blocks=4, hidden=(64, 64), steps=2500, batch_size=1024,
+             lr=5e-3, warmup=100, schedule="cosine", eval_every=250, eval_size=10000),
+    ),
+    "paper-fig3": (
+        "ImpFlow paper Fig. 3: 4-block ImpFlow, 128-128 networks, on checkerboard (hours on 2 CPU cores)",
+        dict(data="checkerboard", model="impflow", blocks=4, hidden=(128, 128), steps=20000, batch_size=5000,
+             lr=1e-3, warmup=500, schedule="cosine", eval_every=1000, eval_size=20000),
+    ),
+    "paper-fig3-resflow": (
+        "the ResFlow side of Fig. 3: 8 residual blocks, same networks and budget as paper-fig3",
+        dict(data="checkerboard", model="resflow", blocks=8, hidden=(128, 128), steps=20000, batch_size=5000,
+             lr=1e-3, warmup=500, schedule="cosine", eval_every=1000, eval_size=20000),
+    ),
+}
+"""name -> (description, settings)."""
+
+
+def preset_help() -> str:
+    """A text block describing every preset, for ``--help``."""
+    lines = ["presets (--preset NAME; flags and --config override them):"]
+    for name, (text, settings) in PRESETS.items():
+        shown = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items())
+        lines += [f"  {name}: {text}", f"      {shown}"]
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML mapping (keys as in RunConfig, dashes or underscores)."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+    return {k: coerce(k, v, str(path)) for k, v in _normalize(loaded, str(path)).items()}
+
+
+def resolve(
+    preset: str | None = None, file: str | Path | None = None, flags: Mapping[str, Any] | None = None
+) -> tuple[RunConfig, dict[str, Any]]:
+    """Merge defaults < preset < YAML file < flags.
+
+    A ``preset`` key in the file names a preset too (the ``preset`` argument wins). Returns the
+    config and the settings that were given explicitly (preset, file or flags), which is what
+    ``--resume`` may apply to a saved run.
+    """
+    from_file = load_yaml(file) if file is not None else {}
+    flags = _normalize(flags or {}, "flags")
+    name = preset if preset is not None else from_file.get("preset")
+    explicit: dict[str, Any] = {}
+    if name is not None:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        explicit |= PRESETS[name][1] | {"preset": name}
+    explicit |= {k: v for k, v in from_file.items() if k != "preset"} | flags
+    return RunConfig(**explicit), explicit
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _registry() -> dict[str, Callable[..., Flow]]:
+    builders: dict[str, Callable[..., Flow]] = {"impflow": models.impflow, "resflow": models.resflow}
+    try:
+        from .models import classic
+    except ImportError:
+        return builders
+    return builders | {name: getattr(classic, name) for name in CLASSIC_MODELS if hasattr(classic, name)}
+
+
+def model_names() -> tuple[str, ...]:
+    """The names ``--model`` accepts."""
+    return tuple(_registry())
+
+
+def model_builder(name: str) -> Callable[..., Flow]:
+    """The builder for ``--model name``: called as ``builder(dim=..., **model_kwargs(config))``."""
+    builders = _registry()
+    if name not in builders:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(builders)}")
+    return builders[name]
+
+
+# RunConfig field -> the builder parameters it may set (first one the builder has wins).
+_MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "blocks": ("blocks", "steps"),
+    "hidden": ("hidden",),
+    "coeff": ("coeff",),
+    "activation": ("activation",),
+    "logdet": ("logdet",),
+}
+
+
+def model_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The builder's keyword arguments for ``config`` (JSON-ready), builder defaults filled in.
+
+    Raises ConfigError when a setting is given that the model does not have (e.g. ``coeff``
+    for ``realnvp``) or a multi-layer ``hidden`` for a builder that takes one width.
+    """
+    params = inspect.signature(model_builder(config.model)).parameters
+    kwargs: dict[str, Any] = {}
+    for option, candidates in _MODEL_OPTIONS.items():
+        value = getattr(config, option)
+        target = next((p for p in candidates if p in params), None)
+        if target is None:
+            if value is not None:
+                raise ConfigError(f"model {config.model!r} has no setting {option!r}")
+            continue
+        fallback = params[target].default
+        if value is None:
+            value = None if fallback is inspect.Parameter.empty else fallback
+        if option == "hidden" and value is not None:
+            if isinstance(fallback, int):  # a builder taking one width
+                if not isinstance(value, int) and len(value) != 1:
+                    raise ConfigError(f"model {config.model!r} takes one hidden width, got {','.join(map(str, value))}")
+                value = value if isinstance(value, int) else value[0]
+            else:
+                value = list(value)
+        kwargs[target] = value
+    return kwargs

@@ -1,0 +1,117 @@
+"""What training shows while it runs: root-solver statistics, convergence warnings, progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from statistics import fmean
+from typing import Literal
+
+from torch import nn
+from tqdm import tqdm
+
+from ..solvers import ConvergenceWarning, SolveInfo, SolverStats
+from ..transforms.residual import ResidualBlock
+
+__all__ = ["SolverMonitor", "summarize_solves", "WarningCounter", "Progress", "ProgressMode"]
+
+ProgressMode = Literal["auto", "bar", "lines", "none"]
+
+
+class SolverMonitor:
+    """Collects the :class:`SolveInfo` s that a model's residual/implicit blocks produced since
+    :meth:`reset` (each block keeps only its latest solve, so collect after every call)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+        self.reset()
+
+    def reset(self) -> None:
+        self._before = [b.last_solve for b in self.blocks]
+
+    def collect(self) -> list[SolveInfo]:
+        return [
+            b.last_solve
+            for b, old in zip(self.blocks, self._before)
+            if b.last_solve is not None and b.last_solve is not old
+        ]
+
+
+def _stats(stats: list[SolverStats]) -> dict[str, float | int]:
+    return {
+        "solves": len(stats),
+        "mean_iterations": fmean(s.mean_iterations for s in stats),
+        "max_iterations": max(s.iterations for s in stats),
+        "max_residual": max(s.max_residual for s in stats),
+        "unconverged": sum(s.failed for s in stats),
+    }
+
+
+def summarize_solves(infos: list[SolveInfo]) -> dict:
+    """Forward (and, where gradients flowed, backward) solver statistics over ``infos``:
+    number of solves, mean per-sample iterations, worst iterations and residual, unconverged samples."""
+    if not infos:
+        return {"solves": 0}
+    out: dict = _stats([i.forward for i in infos])
+    backward = [i.backward for i in infos if i.backward is not None]
+    if backward:
+        out["backward"] = _stats(backward)
+    return out
+
+
+class WarningCounter:
+    """Counts :class:`ConvergenceWarning` s instead of printing each; other warnings pass through."""
+
+    def __init__(self, count: int = 0) -> None:
+        self.count = count
+        self.last: str | None = None
+
+    @contextmanager
+    def catch(self) -> Iterator[None]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            yield
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                self.count += 1
+                self.last = str(w.message)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+class Progress:
+    """A tqdm bar (``"bar"``), a printed line per history record (``"lines"``) or nothing.
+
+    ``"auto"`` is the bar when stdout is a terminal, else lines.
+    """
+
+    def __init__(self, mode: ProgressMode, total: int, initial: int) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "lines"
+        self.mode = mode
+        self.total = total
+        self._bar = (
+            tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout)
+            if mode == "bar"
+            else None
+        )
+        self._mark = (initial, time.perf_counter())
+
+    def update(self, step: int, values: Mapping[str, str], record: bool) -> None:
+        """After ``step``: show ``values``; in line mode print them when ``record`` is set."""
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+            self._bar.update(step - self._bar.n)
+        elif self.mode == "lines" and record:
+            now = time.perf_counter()
+            rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)
+            self._mark = (step, now)
+            shown = "  ".join(f"{k} {v}" for k, v in values.items())
+            print(f"step {step}/{self.total}  {shown}  {rate:.2f} steps/s", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,333 @@
+"""The training loop: Adam with warm-up and cosine decay, gradient clipping, periodic exact-log-det
+evaluation, best-model tracking, crash-safe checkpoints and exact resumption."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..checkpoint import HISTORY, CheckpointError, has_checkpoint, load_trainer_state, load_weights, pointer
+from ..checkpoint import save_checkpoint, write_json
+from ..config import RESUMABLE, RunConfig, model_kwargs
+from ..data import toy2d
+from .monitor import Progress, ProgressMode, SolverMonitor, WarningCounter, summarize_solves
+from .runs import build_model, dataset, evaluate, load_model_state, read_run, refresh_spectral, resolve_device
+from .runs import stream_seed, torch_dtype, write_config
+
+__all__ = ["Trainer", "FitResult", "lr_factor"]
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    constant or a cosine decay reaching 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class FitResult:
+    """How :meth:`Trainer.fit` ended: ``status`` ``"done"``, ``"interrupted"`` or ``"non-finite"``."""
+
+    status: Literal["done", "interrupted", "non-finite"]
+    step: int
+    message: str
+    best: dict[str, Any] | None
+
+
+class _NonFinite(ArithmeticError):
+    pass
+
+
+class _StopOnSigint:
+    """While active (main thread only), a first Ctrl-C sets :attr:`requested` so training stops at the
+    next step boundary with a checkpoint; a second one raises KeyboardInterrupt at once."""
+
+    def __enter__(self) -> "_StopOnSigint":
+        self.requested = False
+        self._previous: Any = None
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+class Trainer:
+    """Maximum-likelihood training of a :class:`~impflow.Flow` on a toy 2-D dataset.
+
+    ``Trainer(config, out)`` starts a new run in directory ``out`` (which must not hold one),
+    seeding torch, numpy and ``random`` with ``config.seed``; ``Trainer.resume(out)`` continues
+    one exactly where its last checkpoint left it (RNG states included). Then :meth:`fit` trains
+    to ``config.steps``.
+
+    Logged per record (``history``): ``loss`` (the training objective averaged over the steps
+    since the previous record - with a stochastic log-det estimator it is not the NLL), ``lr``,
+    ``solver_iterations`` (mean forward root-solver iterations of the last step, where the
+    model solves any), and at evaluations ``val_nll`` (exact log-det, nats) and its standard error
+    ``val_se``.
+
+    Args:
+        config: the run's settings.
+        out: the run directory.
+        progress: ``"auto"`` (a bar on a terminal, else lines), ``"bar"``, ``"lines"`` or ``"none"``;
+            ``config.quiet`` forces ``"none"``.
+    """
+
+    def __init__(self, config: RunConfig, out: str | Path, progress: ProgressMode = "auto") -> None:
+        out = Path(out)
+        if has_checkpoint(out):
+            step = pointer(out, "last")["step"]
+            raise CheckpointError(
+                f"{out} already holds a run (step {step}); resume it (--resume) or choose another output directory"
+            )
+        kwargs = model_kwargs(config)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        random.seed(config.seed)
+        self._setup(config, out, kwargs, progress)
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out, config, kwargs)
+
+    @classmethod
+    def resume(
+        cls, out: str | Path, overrides: Mapping[str, Any] | None = None, progress: ProgressMode = "auto"
+    ) -> "Trainer":
+        """Continue the run in ``out`` from its last checkpoint; ``overrides`` may change only the
+        settings in :data:`impflow.config.RESUMABLE` (e.g. ``steps``)."""
+        out = Path(out)
+        config, kwargs = read_run(out)
+        changed = {k: v for k, v in (overrides or {}).items() if v != getattr(config, k)}
+        fixed = [k for k in changed if k not in RESUMABLE]
+        if fixed:
+            k = fixed[0]
+            raise CheckpointError(
+                f"{out} was trained with {k}={getattr(config, k)!r}; --resume cannot change it to {changed[k]!r} "
+                f"(only {', '.join(RESUMABLE)} can change)"
+            )
+        config = config.replace(**changed)
+        state = load_trainer_state(out, "last")
+        self = cls.__new__(cls)
+        self._setup(config, out, kwargs, progress)
+        load_model_state(self.model, load_weights(out, "last", self.device), str(pointer(out, "last")["dir"]))
+        self._load_state(state)
+        if changed:
+            write_config(out, config, kwargs)
+        return self
+
+    def _setup(self, config: RunConfig, out: Path, kwargs: dict[str, Any], progress: ProgressMode) -> None:
+        self.config, self.out = config, out
+        self.progress_mode: ProgressMode = "none" if config.quiet else progress
+        self.device = resolve_device(config.device)
+        self.model = build_model(config, kwargs).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.schedule)
+        )
+        self._data_rng = torch.Generator().manual_seed(stream_seed(config.seed, "train"))
+        self._train_set = dataset(config, "train", config.train_size) if config.train_size else None
+        self._val = dataset(config, "val", config.eval_size).to(self.device)
+        self._monitor = SolverMonitor(self.model)
+        self.warnings = WarningCounter()
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.train_seconds = 0.0
+        self._pending: list[float] = []  # losses since the last history record
+        self._last_solves: dict[str, Any] = {"solves": 0}
+        self._saved_step = -1
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that an exact resumption needs."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(self.device),
+            "data_rng": self._data_rng.get_state(),
+            "history": self.history,
+            "best": self.best,
+            "train_seconds": self.train_seconds,
+            "pending_losses": self._pending,
+            "convergence_warnings": self.warnings.count,
+        }
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self._data_rng.set_state(state["data_rng"])
+        self.step = self._saved_step = state["step"]
+        self.history = list(state["history"])
+        self.best = state["best"]
+        self.train_seconds = state["train_seconds"]
+        self._pending = list(state["pending_losses"])
+        self.warnings = WarningCounter(state["convergence_warnings"])
+
+    def save(self, best: bool = False) -> None:
+        """Checkpoint the current step as ``last`` (and ``best``); a step is written once."""
+        if self._saved_step == self.step:
+            return
+        refresh_spectral(self.model)
+        latest = next((r["val_nll"] for r in reversed(self.history) if "val_nll" in r), None)
+        info = {"val_nll": latest, "train_seconds": self.train_seconds}
+        tags = ("last", "best") if best else ("last",)
+        save_checkpoint(self.out, self.step, self.model.state_dict(), self.state_dict(), tags, info)
+        write_json(self.out / HISTORY, self.history)
+        self._saved_step = self.step
+
+    # ------------------------------------------------------------------ training
+
+    def _batch(self) -> Tensor:
+        n = self.config.batch_size
+        if self._train_set is not None:
+            x = self._train_set[torch.randint(self._train_set.shape[0], (n,), generator=self._data_rng)]
+        else:
+            x = toy2d.sample(self.config.data, n, generator=self._data_rng, dtype=torch_dtype(self.config.dtype))
+        return x.to(self.device)
+
+    def _train_step(self) -> float:
+        x = self._batch()
+        self._monitor.reset()
+        loss = -self.model.log_prob(x).mean()
+        if not torch.isfinite(loss):
+            raise _NonFinite(f"the training loss is {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip or math.inf)
+        if not torch.isfinite(norm):
+            raise _NonFinite(f"the gradient norm is {norm.item()}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self._last_solves = summarize_solves(self._monitor.collect())
+        return loss.item()
+
+    def evaluate(self) -> dict[str, Any]:
+        """Validation NLL (exact log-det, nats) and solver statistics on the held-out set."""
+        return evaluate(self.model, self._val)
+
+    def _record(self, evaluate_now: bool) -> None:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": fmean(self._pending),
+            "lr": self.scheduler.get_last_lr()[0],
+            "seconds": self.train_seconds,  # in training steps; evaluations and checkpoints excluded
+        }
+        if self._last_solves["solves"]:
+            record["solver_iterations"] = self._last_solves["mean_iterations"]
+        is_best = False
+        if evaluate_now:
+            result = self.evaluate()
+            record |= {"val_nll": result["nll"], "val_se": result["nll_se"]}
+            self.warnings.count += result["solver"]["convergence_warnings"]
+            is_best = math.isfinite(result["nll"]) and (self.best is None or result["nll"] < self.best["val_nll"])
+            if is_best:
+                self.best = {"step": self.step, "val_nll": result["nll"]}
+        self.history.append(record)
+        self._pending = []
+        if evaluate_now:
+            self.save(best=is_best)
+
+    def _display(self) -> dict[str, str]:
+        shown = {"loss": f"{self._pending[-1] if self._pending else self.history[-1]['loss']:.4f}"}
+        val = next((r["val_nll"] for r in reversed(self.history) if "val_nll" in r), None)
+        if val is not None:
+            shown["val_nll"] = f"{val:.4f}"
+        if self._last_solves["solves"]:
+            shown["iters"] = f"{self._last_solves['mean_iterations']:.1f}"
+        if self.warnings.count:
+            shown["solver_warnings"] = str(self.warnings.count)
+        return shown
+
+    def fit(self, until: int | None = None) -> FitResult:
+        """Train to step ``until`` (default ``config.steps``), evaluating and checkpointing every
+        ``eval_every`` steps and at the end.
+
+        A non-finite loss or gradient stops training (the last good checkpoint is kept); Ctrl-C
+        stops at the end of the current step with a checkpoint (a second Ctrl-C aborts at once).
+        """
+        until = self.config.steps if until is None else until
+        progress = Progress(self.progress_mode, until, self.step)
+        cfg = self.config
+        try:
+            with _StopOnSigint() as sigint:
+                while self.step < until:
+                    if sigint.requested:
+                        self.save()
+                        return self._result("interrupted", f"interrupted at step {self.step}; checkpoint saved in "
+                                            f"{self.out} (continue with: impflow train --out {self.out} --resume)")
+                    start = time.perf_counter()
+                    with self.warnings.catch():
+                        self._pending.append(self._train_step())
+                    self.train_seconds += time.perf_counter() - start
+                    evaluate_now = self.step % cfg.eval_every == 0 or self.step == until
+                    record = evaluate_now or self.step % cfg.log_every == 0
+                    if record:
+                        self._record(evaluate_now)
+                    progress.update(self.step, self._display(), record)
+        except _NonFinite as e:
+            kept = (
+                f"kept the last good checkpoint (step {self._saved_step})"
+                if self._saved_step >= 0
+                else "no checkpoint was written yet"
+            )
+            return self._result("non-finite", f"training stopped at step {self.step + 1}: {e}; {kept} in {self.out}")
+        except KeyboardInterrupt:
+            kept = f"the last checkpoint (step {self._saved_step})" if self._saved_step >= 0 else "nothing"
+            return self._result("interrupted", f"aborted at step {self.step} without saving; {self.out} keeps {kept}")
+        finally:
+            progress.close()
+        self.save()
+        best = f"; best val NLL {self.best['val_nll']:.4f} nats at step {self.best['step']}" if self.best else ""
+        return self._result("done", f"trained {self.out} to step {self.step} in {self.train_seconds:.0f} s{best}")
+
+    def _result(self, status: str, message: str) -> FitResult:
+        if self.warnings.count:
+            last = f"; last: {self.warnings.last}" if self.warnings.last else ""
+            message += f" ({self.warnings.count} root-solver convergence warnings{last})"
+        return FitResult(status, self.step, message, self.best)
