@@ -149,18 +149,30 @@ def _norm(f: Tensor) -> Tensor:
     return torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf")))
 
 
+def _active(res: Tensor, thresh: Tensor) -> tuple[Tensor, slice | Tensor, Tensor | None]:
+    """Unconverged rows: (indices, a selector for them, the index to pass to F).
+
+    While every row is active the selector is a plain slice (views, no gather/scatter) and F
+    gets ``None``.
+    """
+    act = (res > thresh).nonzero().flatten()
+    if act.numel() == res.numel():
+        return act, slice(None), None
+    return act, act, act
+
+
 def _fixed_point(
     F: _Counter, x: Tensor, fx: Tensor, res: Tensor, thresh: Tensor, iters: Tensor, max_iter: int
 ) -> None:
     """x ← x − F(x) on the unconverged rows, in place."""
     for _ in range(max_iter):
-        act = (res > thresh).nonzero().flatten()
+        act, sel, idx = _active(res, thresh)
         if act.numel() == 0:
             return
-        xn = x[act] - fx[act]
-        fn = F(xn, act)
-        x[act], fx[act], res[act] = xn, fn, _norm(fn)
-        iters[act] += 1
+        xn = x[sel] - fx[sel]
+        fn = F(xn, idx)
+        x[sel], fx[sel], res[sel] = xn, fn, _norm(fn)
+        iters[sel] += 1
 
 
 def _bmv(A: Tensor, v: Tensor) -> Tensor:
@@ -183,6 +195,7 @@ def _broyden(
     the root since J_g is a contraction), updated with
     H⁺ = H + (s − H y) sᵀH / (sᵀ H y), s = Δx, y = ΔF. Division by a vanishing sᵀ H y skips
     that sample's update (selected by ``torch.where``, so a NaN never leaks into other rows).
+    Only the columns of U, V filled since the last restart enter the products.
     """
     B, n = x.shape
     m = min(config.memory, config.max_iter)
@@ -190,21 +203,19 @@ def _broyden(
     V = x.new_zeros(B, n, m)
     tiny = torch.finfo(x.dtype).tiny ** 0.5
     for k in range(config.max_iter):
-        act = (res > thresh).nonzero().flatten()
+        act, sel, idx = _active(res, thresh)
         if act.numel() == 0:
             return
-        col = k % m
-        if col == 0 and k > 0:
-            U[act] = 0
-            V[act] = 0
-        xa, fa, Ua, Va = x[act], fx[act], U[act], V[act]
-        p = -(fa + _bmv(Ua, _bmv(Va.transpose(1, 2), fa)))
+        col = k % m  # columns [0, col) hold the updates since the last restart
+        xa, fa = x[sel], fx[sel]
+        Ua, Va = U[sel, :, :col], V[sel, :, :col]
+        p = -(fa + _bmv(Ua, _bmv(Va.transpose(1, 2), fa))) if col else -fa
         p = torch.where(torch.isfinite(p).all(dim=1, keepdim=True), p, -fa)
         xn = xa + p
-        fn = F(xn, act)
+        fn = F(xn, idx)
         rn = _norm(fn)
         if config.line_search:
-            ra2 = res[act].pow(2)
+            ra2 = res[sel].pow(2)
             alpha = 1.0
             for _ in range(2):
                 bad = ~(rn.pow(2) <= (1 - 2e-4 * alpha) * ra2)
@@ -223,18 +234,20 @@ def _broyden(
                 rn[b] = _norm(fn[b])
         s = xn - xa
         y = fn - fa
-        Hy = y + _bmv(Ua, _bmv(Va.transpose(1, 2), y))
-        sH = s + _bmv(Va, _bmv(Ua.transpose(1, 2), s))
+        if col:
+            Hy = y + _bmv(Ua, _bmv(Va.transpose(1, 2), y))
+            sH = s + _bmv(Va, _bmv(Ua.transpose(1, 2), s))
+        else:
+            Hy, sH = y, s
         den = (s * Hy).sum(dim=1, keepdim=True)
-        ok = (den.abs() > tiny * s.norm(dim=1, keepdim=True) * Hy.norm(dim=1, keepdim=True)) & torch.isfinite(
-            den
-        )
-        ok = ok & torch.isfinite(Hy).all(dim=1, keepdim=True) & torch.isfinite(sH).all(dim=1, keepdim=True)
+        ok = den.abs() > tiny * s.norm(dim=1, keepdim=True) * Hy.norm(dim=1, keepdim=True)
+        ok = ok & torch.isfinite(den) & torch.isfinite(Hy).all(dim=1, keepdim=True)
+        ok = ok & torch.isfinite(sH).all(dim=1, keepdim=True)
         den_safe = torch.where(ok, den, torch.ones_like(den))
-        U[act, :, col] = torch.where(ok, (s - Hy) / den_safe, torch.zeros_like(s))
-        V[act, :, col] = torch.where(ok, sH, torch.zeros_like(s))
-        x[act], fx[act], res[act] = xn, fn, rn
-        iters[act] += 1
+        U[sel, :, col] = torch.where(ok, (s - Hy) / den_safe, torch.zeros_like(s))
+        V[sel, :, col] = torch.where(ok, sH, torch.zeros_like(s))
+        x[sel], fx[sel], res[sel] = xn, fn, rn
+        iters[sel] += 1
 
 
 @torch.no_grad()

@@ -21,12 +21,22 @@ All computation is in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_nll", "ppca_nll"]
+__all__ = [
+    "gaussian_nll",
+    "ppca_nll",
+    "theorem3_bound",
+    "best_slope_bounded_fit",
+    "jacobian_spectral_norms",
+    "estimate_lipschitz",
+    "block_lipschitz_bounds",
+]
 
 _LN2 = math.log(2.0)
 _DEFAULT_RIDGE = 1e-8
@@ -124,3 +134,162 @@ def ppca_nll(train: Tensor, q: int, ridge: float = _DEFAULT_RIDGE) -> float:
     sigma2 = fit.eigvals[q:].mean()
     model_eig = torch.cat([fit.eigvals[:q], sigma2.expand(d - q)])
     return _nll_from_spectra(fit.eigvals, model_eig, fit.floor)
+
+
+# --------------------------------------------------------------------------- expressiveness (seed 001, §4)
+#
+# Theorem 3: an ℓ-block ResFlow is (1+c)^ℓ < 2^ℓ-Lipschitz, so on a ball B_r where the target
+# expands by L (‖f(x) − f(y)‖ ≥ L‖x − y‖) its sup error is at least r/2·(L − 2^ℓ), while one
+# ImpFlow block z = (Id + g_z)⁻¹ ∘ (Id + g_x)(x) can be up to (1 + c_x)/(1 − c_z)-Lipschitz.
+
+def theorem3_bound(L: float, r: float, blocks: int) -> float | None:
+    """Theorem 3's lower bound r/2·(L − 2^ℓ) on the sup error of an ℓ-block ResFlow.
+
+    Valid on a ball of radius r on which the target expands by L; None when 2^ℓ ≥ L (the
+    theorem says nothing there).
+    """
+    if L <= 0 or r <= 0 or blocks < 1:
+        raise ValueError(f"need L > 0, r > 0, blocks ≥ 1; got L={L}, r={r}, blocks={blocks}")
+    gap = L - 2.0**blocks
+    return r / 2 * gap if gap > 0 else None
+
+
+def _slope_bounds(x: np.ndarray, y: np.ndarray, max_slope: float, min_slope: float) -> np.ndarray:
+    if x.ndim != 1 or x.shape != y.shape or x.size < 2:
+        raise ValueError(f"x and y must be 1-D of equal length ≥ 2; got {x.shape} and {y.shape}")
+    dx = np.diff(x)
+    if not (dx > 0).all():
+        raise ValueError("x must be strictly increasing")
+    if not 0 <= min_slope <= max_slope:
+        raise ValueError(f"need 0 ≤ min_slope ≤ max_slope, got {min_slope}, {max_slope}")
+    return dx
+
+
+def _best_sup_fit(x: np.ndarray, y: np.ndarray, max_slope: float, min_slope: float) -> tuple[float, np.ndarray]:
+    """LP over (h_1..h_n, t): min t s.t. |h_i − y_i| ≤ t, min·Δx_i ≤ h_{i+1} − h_i ≤ max·Δx_i."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    dx = _slope_bounds(x, y, max_slope, min_slope)
+    n = x.size
+    eye, ones = sparse.eye(n, format="csr"), sparse.csr_matrix(np.ones((n, 1)))
+    diff = sparse.diags([-np.ones(n - 1), np.ones(n - 1)], [0, 1], shape=(n - 1, n), format="csr")
+    no_t = sparse.csr_matrix((n - 1, 1))
+    A = sparse.vstack(
+        [
+            sparse.hstack([eye, -ones]),  # h − t ≤ y
+            sparse.hstack([-eye, -ones]),  # −h − t ≤ −y
+            sparse.hstack([diff, no_t]),  # Δh ≤ max·Δx
+            sparse.hstack([-diff, no_t]),  # −Δh ≤ −min·Δx
+        ],
+        format="csr",
+    )
+    b = np.concatenate([y, -y, max_slope * dx, -min_slope * dx])
+    cost = np.zeros(n + 1)
+    cost[-1] = 1.0
+    res = linprog(cost, A_ub=A, b_ub=b, bounds=[(None, None)] * (n + 1), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"linprog failed: {res.message}")
+    return max(0.0, float(res.x[-1])), res.x[:n]
+
+
+def _best_l2_fit(x: np.ndarray, y: np.ndarray, max_slope: float, min_slope: float) -> tuple[float, np.ndarray]:
+    """Bounded least squares on h = h_1 + cumsum(s_i Δx_i), s_i ∈ [min, max]: min ‖h − y‖²."""
+    from scipy.optimize import lsq_linear
+    from scipy.sparse.linalg import LinearOperator
+
+    dx = _slope_bounds(x, y, max_slope, min_slope)
+    n = x.size
+
+    def matvec(v: np.ndarray) -> np.ndarray:  # (h_1, s) -> h
+        v = np.ravel(v)
+        return v[0] + np.concatenate([[0.0], np.cumsum(v[1:] * dx)])
+
+    def rmatvec(r: np.ndarray) -> np.ndarray:  # adjoint: (Σ r, Δx_i Σ_{j>i} r_j)
+        tail = np.cumsum(np.ravel(r)[::-1])[::-1]
+        return np.concatenate([[tail[0]], dx * tail[1:]])
+
+    A = LinearOperator((n, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+    lo = np.concatenate([[-np.inf], np.full(n - 1, float(min_slope))])
+    hi = np.concatenate([[np.inf], np.full(n - 1, float(max_slope))])
+    res = lsq_linear(A, y, bounds=(lo, hi), method="trf", tol=1e-12, max_iter=5000)
+    h = matvec(res.x)
+    return float(np.sqrt(np.mean((h - y) ** 2))), h
+
+
+def best_slope_bounded_fit(x, y, max_slope: float, min_slope: float = 0.0) -> dict:
+    """The best fit of samples y_i = f(x_i) by any h with slopes in [min_slope, max_slope].
+
+    * sup error: the linear programme min t s.t. |h(x_i) − y_i| ≤ t and
+      min_slope·Δx_i ≤ h(x_{i+1}) − h(x_i) ≤ max_slope·Δx_i (``scipy.optimize.linprog``, HiGHS);
+    * RMSE: the bounded least-squares problem min Σ (h(x_i) − y_i)² over the increments,
+      h(x_i) = h_1 + Σ_{j<i} s_j Δx_j with s_j ∈ [min_slope, max_slope]
+      (``scipy.optimize.lsq_linear`` on the O(n) cumulative-sum operator).
+
+    Every C¹ function with h' ∈ [min_slope, max_slope] — e.g. an ℓ-block ResFlow in 1-D with
+    max_slope = 2^ℓ — has grid errors at least these. x is strictly increasing.
+
+    Returns ``dict(sup=..., rmse=..., h_sup=array, h_rmse=array)``, the h's being the optima
+    on the grid.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    sup, h_sup = _best_sup_fit(x, y, max_slope, min_slope)
+    rmse, h_rmse = _best_l2_fit(x, y, max_slope, min_slope)
+    return {"sup": sup, "rmse": rmse, "h_sup": h_sup, "h_rmse": h_rmse}
+
+
+def jacobian_spectral_norms(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """‖J_f(x_b)‖₂ for every row x_b of x (batch, d); f acts row-wise, (batch, d) -> (batch, d').
+
+    The Jacobians come from d' vector-Jacobian products of the whole batch (row b of f
+    depends on row b of x only), so f may contain root solves with implicit backward passes
+    (ImpFlow blocks, ResFlow inverses). Returns (batch,).
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = f(x)
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"f must map (batch, d) to (batch, d'); got {tuple(out.shape)}")
+        rows = [
+            torch.autograd.grad(out[:, i].sum(), x, retain_graph=i < out.shape[1] - 1)[0]
+            for i in range(out.shape[1])
+        ]
+    return torch.linalg.matrix_norm(torch.stack(rows, dim=1).detach(), ord=2)
+
+
+def estimate_lipschitz(f: Callable[[Tensor], Tensor], x: Tensor) -> float:
+    """max_b ‖J_f(x_b)‖₂: a lower estimate of Lip(f) (exact in the limit of dense x on a convex set)."""
+    return float(jacobian_spectral_norms(f, x).max())
+
+
+def block_lipschitz_bounds(block: torch.nn.Module) -> dict[str, float]:
+    """Certified Lipschitz bounds of a block and of its inverse, c = ``lipschitz_bound(g)``.
+
+    * ResidualBlock x + g(x): forward ≤ 1 + c, inverse ≤ 1/(1 − c);
+    * ImplicitBlock (Id + g_z)⁻¹ ∘ (Id + g_x): forward ≤ (1 + c_x)/(1 − c_z),
+      inverse ≤ (1 + c_z)/(1 − c_x);
+    * ActNorm (x + b)·e^s: forward max e^s, inverse max e^{−s};
+    * Compose: the products of its members' bounds.
+
+    Returns ``dict(forward=..., inverse=...)`` (inf where c ≥ 1).
+    """
+    from .nn.lipschitz import lipschitz_bound
+    from .transforms import ActNorm, Compose, ImplicitBlock, ResidualBlock
+
+    def inv(c: float) -> float:
+        return 1 / (1 - c) if c < 1 else math.inf
+
+    if isinstance(block, ResidualBlock):
+        c = lipschitz_bound(block.g)
+        return {"forward": 1 + c, "inverse": inv(c)}
+    if isinstance(block, ImplicitBlock):
+        cx, cz = lipschitz_bound(block.g_x), lipschitz_bound(block.g_z)
+        return {"forward": (1 + cx) * inv(cz), "inverse": (1 + cz) * inv(cx)}
+    if isinstance(block, ActNorm):
+        s = block.log_scale.detach()
+        return {"forward": float(s.max().exp()), "inverse": float((-s).max().exp())}
+    if isinstance(block, Compose):
+        bounds = [block_lipschitz_bounds(t) for t in block]
+        return {k: math.prod(b[k] for b in bounds) for k in ("forward", "inverse")}
+    raise TypeError(f"no Lipschitz bound for {type(block).__name__}")

@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmark scripts: timing, a briefly trained toy model, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import impflow
+from impflow.data import toy2d
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def train_briefly(flow: impflow.Flow, steps: int, batch: int = 1000, lr: float = 2e-3, seed: int = 0) -> float:
+    """Adam on fresh checkerboard batches; returns the last minibatch NLL (nats)."""
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(flow.parameters()).dtype
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        x = toy2d.sample("checkerboard", batch, generator=g, dtype=dtype)
+        loss = -flow.log_prob(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A markdown table of ``rows`` restricted to ``cols``."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
