@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write PNGs of the learned density, samples and training curve")
     _add_runtime_options(plot)
     plot.set_defaults(handler=_plot)
+
+    from .experiments import EXPERIMENTS
+
+    exp = sub.add_parser("experiment", help="reproduce a paper claim: " + ", ".join(sorted(EXPERIMENTS)))
+    exp.add_argument("name", choices=sorted(EXPERIMENTS), metavar="NAME", help=", ".join(sorted(EXPERIMENTS)))
+    exp.add_argument("--out", type=Path, default=None, help="output folder (default: runs/experiments/NAME)")
+    exp.add_argument("--quick", action="store_true", help="a reduced run (seconds to a minute)")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--threads", type=_arg_type("threads"), default=FIELDS["threads"].default,
+                     help="CPU threads (0: all cores; default 1)")
+    exp.set_defaults(handler=_experiment)
     return parser
 
 
@@ -210,6 +221,18 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     _print_plots(plot_run(args.run, args.which, _prepare(args)))
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiments import EXPERIMENTS
+
+    _set_threads(args.threads)
+    out = args.out if args.out is not None else Path("runs/experiments") / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    result = EXPERIMENTS[args.name](out, quick=args.quick, seed=args.seed)
+    print(json.dumps(_jsonable(result), indent=2, default=str))
+    print(f"outputs in {out}")
     return 0
 
 
