@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from impflow.nn import ACTIVATIONS, LipschitzMLP, LipSwish, SpectralLinear, lipschitz_bound
+from impflow.nn import ACTIVATIONS, LipschitzMLP, LipSwish, SpectralLinear, lipschitz_bound, sync_spectral
 
 
 def max_jacobian_norm(g, x):
@@ -26,6 +26,12 @@ def test_certified_bound_holds_after_aggressive_training(activation):
         opt.step()
     bound = lipschitz_bound(g)
     assert bound < 1.0
+    layers = [m for m in g.modules() if isinstance(m, SpectralLinear)]
+    norm = lambda m: float(torch.linalg.matrix_norm(m.normalized_weight().detach(), ord=2))
+    lag = sync_spectral(g)  # the check: exact top singular pairs replace the running estimates
+    assert lag >= 1.0 - 1e-9
+    assert all(norm(m) <= 0.97 * (1 + 1e-9) for m in layers)
+    assert lipschitz_bound(g) <= 0.97**3 * (1 + 1e-9)
     empirical = max_jacobian_norm(g, x[:32])
     assert empirical <= bound + 1e-12
     assert empirical > 0.3  # training did push the network to expand
@@ -85,3 +91,16 @@ def test_bad_arguments():
         LipschitzMLP(2, coeff=1.2)
     with pytest.raises(TypeError, match="not Lipschitz-constrained"):
         lipschitz_bound(torch.nn.Sequential(SpectralLinear(2, 2), torch.nn.Linear(2, 2)))
+
+
+def test_sync_exact_reports_and_removes_estimate_lag():
+    torch.manual_seed(3)
+    layer = SpectralLinear(32, 32, coeff=0.9, n_power_iterations=1).double()
+    with torch.no_grad():  # move the top singular direction somewhere the warm vector is not
+        U, S, Vh = torch.linalg.svd(layer.weight)
+        layer.weight.copy_(U @ torch.diag(torch.linspace(1, 3, 32, dtype=torch.float64).flip(0)) @ Vh.roll(5, 0))
+    layer.max_power_iterations = 1
+    lag = layer.sync_exact()
+    assert lag > 1.0
+    assert float(torch.linalg.matrix_norm(layer.normalized_weight().detach(), ord=2)) == pytest.approx(0.9, rel=1e-12)
+    assert layer.sync_exact() == pytest.approx(1.0, rel=1e-12)

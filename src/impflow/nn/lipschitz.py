@@ -22,9 +22,15 @@ __all__ = [
     "Sine",
     "LipschitzMLP",
     "lipschitz_bound",
+    "sync_spectral",
     "ACTIVATIONS",
 ]
 
+
+
+def _unit(x: Tensor) -> Tensor:
+    """x / ‖x‖ over all entries."""
+    return x / x.norm().clamp_min(1e-12)
 
 class SpectralLinear(nn.Module):
     """y = W̃ x + b with W̃ = W / max(1, σ̂/coeff), σ̂ ≈ ‖W‖₂ by power iteration.
@@ -53,6 +59,8 @@ class SpectralLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.coeff = coeff
         self.n_power_iterations = n_power_iterations
+        self.max_power_iterations = 100
+        self.power_tol = 1e-4
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # orthogonal: every singular value equal, so after normalisation all directions
@@ -61,24 +69,64 @@ class SpectralLinear(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(in_features)
             nn.init.uniform_(self.bias, -bound, bound)
-        u = F.normalize(torch.randn(out_features), dim=0)
-        v = F.normalize(torch.randn(in_features), dim=0)
+        u = _unit(torch.randn(out_features))
+        v = _unit(torch.randn(in_features))
         self.register_buffer("u", u)
         self.register_buffer("v", v)
         self._seen_version = -1
         self.power_iteration(n=200)
 
+    def _matvec(self, W: Tensor, v: Tensor) -> Tensor:
+        """W v (the operator whose norm is controlled; convolutions override this)."""
+        return W @ v
+
+    def _rmatvec(self, W: Tensor, u: Tensor) -> Tensor:
+        """Wᵀ u."""
+        return W.t() @ u
+
     @torch.no_grad()
     def power_iteration(self, n: int | None = None) -> None:
-        """Refine the singular-vector estimates with ``n`` steps (default ``n_power_iterations``)."""
+        """Refine u, v: at least ``n`` steps (default ``n_power_iterations``), then on until σ̂
+        changes by less than ``power_tol`` (relative), at most ``max_power_iterations`` steps.
+
+        A fixed small step count lets σ̂ lag ‖W‖₂ by a few percent after large optimiser steps,
+        and the layer's norm then exceeds ``coeff``; the convergence test closes that gap.
+        """
         W = self.weight.detach()
         u, v = self.u, self.v
-        for _ in range(self.n_power_iterations if n is None else n):
-            v = F.normalize(W.t() @ u, dim=0, eps=1e-12)
-            u = F.normalize(W @ v, dim=0, eps=1e-12)
+        n = self.n_power_iterations if n is None else n
+        prev = None
+        for k in range(max(n, self.max_power_iterations)):
+            v = _unit(self._rmatvec(W, u))
+            Wv = self._matvec(W, v)
+            s = Wv.norm()
+            u = Wv / s.clamp_min(1e-12)
+            if k + 1 >= n and prev is not None and abs(float(s - prev)) <= self.power_tol * float(s):
+                break
+            prev = s
         self.u.copy_(u)
         self.v.copy_(v)
         self._seen_version = self.weight._version
+
+    def dense_operator(self) -> Tensor:
+        """The matrix of the raw (unnormalised) operator x ↦ W x."""
+        return self.weight.detach()
+
+    @torch.no_grad()
+    def sync_exact(self) -> float:
+        """Set u, v to the exact top singular pair of the operator (SVD) and return the lag
+        σ/σ̂_before ≥ 1 of the running estimate. Power iteration warm-started after a large
+        optimiser step can sit near a former top direction and underestimate σ by a few
+        percent; syncing periodically makes ‖W̃‖₂ ≤ coeff hold exactly again."""
+        if self.weight._version != self._seen_version:
+            self.power_iteration()
+        before = float(self.sigma())
+        A = self.dense_operator()
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        self.u.copy_(U[:, 0].reshape(self.u.shape))
+        self.v.copy_(Vh[0].reshape(self.v.shape))
+        self._seen_version = self.weight._version
+        return float(S[0]) / max(before, 1e-30)
 
     def mark_current(self) -> None:
         """Declare ``u``, ``v`` current for the present W (e.g. after loading a checkpoint whose
@@ -91,10 +139,10 @@ class SpectralLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def sigma(self) -> Tensor:
-        """σ̂ = uᵀ W v, differentiable in W."""
+        """σ̂ = ⟨u, W v⟩, differentiable in W."""
         if self.weight._version != self._seen_version:
             self.power_iteration()
-        return torch.dot(self.u, self.weight @ self.v)
+        return torch.sum(self.u * self._matvec(self.weight, self.v))
 
     def normalized_weight(self) -> Tensor:
         """W̃ = W / max(1, σ̂/coeff)."""
@@ -185,6 +233,13 @@ class LipschitzMLP(nn.Module):
         return self.net(x)
 
 
+def sync_spectral(module: nn.Module) -> float:
+    """:meth:`SpectralLinear.sync_exact` on every spectrally normalised layer of ``module``;
+    returns the largest lag σ/σ̂ found (1.0 when every estimate was exact, or no such layer)."""
+    lags = [m.sync_exact() for m in module.modules() if isinstance(m, SpectralLinear)]
+    return max(lags, default=1.0)
+
+
 @torch.no_grad()
 def lipschitz_bound(module: nn.Module) -> float:
     """Certified upper bound on Lip(g) for a feed-forward stack of spectrally normalised layers.
@@ -198,7 +253,8 @@ def lipschitz_bound(module: nn.Module) -> float:
     for m in module.modules():
         if isinstance(m, SpectralLinear):
             found = True
-            bound *= float(torch.linalg.matrix_norm(m.normalized_weight(), ord=2))
+            W = m.operator_matrix() if hasattr(m, "operator_matrix") else m.normalized_weight()
+            bound *= float(torch.linalg.matrix_norm(W, ord=2))
         elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             raise TypeError(f"{type(m).__name__} is not Lipschitz-constrained; no bound available")
     if not found:

@@ -66,6 +66,10 @@ class ImplicitBlock(Transform):
         z, ladj_z = self.fz.inverse_and_log_det(y)
         return z, ladj_x + ladj_z
 
+    def map(self, x: Tensor) -> Tensor:
+        """z = f(x) without the log-determinant (differentiable through the implicit backward)."""
+        return self.fz.inverse(self.fx.map(x))
+
     def inverse(self, z: Tensor) -> Tensor:
         return self.fx.inverse(self.fz.map(z))
 
