@@ -13,7 +13,7 @@ import torch
 
 import impflow
 from impflow import checkpoint
-from impflow.config import ConfigError, RunConfig, model_kwargs, model_names, resolve
+from impflow.config import PRESETS, ConfigError, RunConfig, model_kwargs, model_names, resolve
 from impflow.logdet import exact_logdet
 from impflow.plots import density_grid
 from impflow.solvers import SolverConfig
@@ -201,7 +201,7 @@ def test_config_precedence_and_errors(tmp_path):
     config, explicit = resolve(None, file, {"batch_size": 64})
     got = (config.preset, config.steps, config.lr, config.batch_size, config.hidden)
     assert got == ("demo", 2500, 1e-3, 64, (32, 32))
-    assert explicit["blocks"] == 4 and "threads" not in explicit
+    assert explicit["blocks"] == PRESETS["demo"][1]["blocks"] and "threads" not in explicit
     file.write_text("learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
         resolve(None, file)
