@@ -19,7 +19,10 @@ searched to hit the target count): realnvp, glow (vector form: LULinear for the 
 maf, nsf (spline coupling), dlf (vector form), impflow (trained with its default log-det:
 exact for 2-D, unbiased Russian roulette for 64-D; evaluated under ``impflow.exact_logdet()``).
 Plus ``zuko.flows.RealNVP`` and ``zuko.flows.NSF(passes=2)`` with the same number of
-transforms and hidden widths as our realnvp / nsf.
+transforms and hidden widths as their partners: our ``realnvp`` (``actnorm=False``, the default:
+then the same architecture and parameter count as zuko's) and ``nsf mixing=none`` (our NSF in
+zuko's configuration: no linear layers, alternating halves, 8 bins on [−5, 5], no ActNorm).
+Our default ``nsf`` (identity-initialised LULinear before each coupling) is a separate row.
 
 All flows of a dataset train in one process, interleaved step by step on the same batches
 (Adam, constant learning rate), so the per-step times see the same CPU contention; seconds/step
@@ -68,25 +71,30 @@ LN2 = math.log(2.0)
 NOTES = """\
 Structural differences between our builders and zuko's at the same transforms count and hidden widths:
 
-* `realnvp` vs `zuko.flows.RealNVP`: ours is ActNorm → Coupling per step. Our Coupling's conditioner
-  is an MLP from all d inputs (x ⊙ m, the transformed half zeroed) to d·P outputs (parameters for
-  every feature; those of the conditioning features are discarded); zuko's maps the d_a
-  conditioning features to d_b·P outputs. With equal hidden widths our first and last layers are
-  about twice zuko's (see the params column; in 2-D the difference is a few hundred parameters,
-  in 64-D it dominates). Our coupling gathers/scatters the transformed half with boolean-mask
-  indexing (`u[:, b]`, `v[:, b] = v_b` on a clone), zuko with a boolean-mask index too.
-  Affine log-scales: ours 3·tanh(s/3) (expands and contracts up to e³); zuko s/(1 + |s|/6.9).
-* `nsf` vs `zuko.flows.NSF(passes=2)`: ours is ActNorm → LULinear → rational-quadratic spline
-  coupling (half mask, identity tails outside [−3, 3]); zuko's is a two-pass masked
-  autoregressive (MADE) coupling with alternating orders, no linear mixing, splines on [−5, 5].
-  In 2-D zuko's 2-pass layer also transforms the first feature (with an unconditional spline),
-  ours leaves it to the next step after the LULinear mixing. In 64-D our conditioner again emits
-  parameters for all 64 features (64·23 outputs) where zuko's MADE emits 64·23 outputs of which
-  half depend on nothing but biases — so the sizes differ less than for RealNVP.
-* ΔNLL from one seed and a few hundred steps is dominated by optimisation noise and by the
-  architectural differences above; it is not a converged comparison.
+* `realnvp` (default `actnorm=False`) vs `zuko.flows.RealNVP`: the same architecture — 8 affine
+  couplings with alternating masks, each conditioner an MLP from the d_a kept features through
+  two hidden layers to d_b·2 outputs, identical parameter counts. Our Coupling gathers x_a, x_b
+  with index tensors precomputed from the mask and reassembles z with one precomputed
+  permutation. Remaining differences: affine log-scales 3·tanh(s/3) (ours) vs s/(1 + |s|/6.9)
+  (zuko), and initialisation (our last conditioner layer is zero: every coupling starts as the
+  identity; zuko's is random).
+* `nsf mixing=none` vs `zuko.flows.NSF(passes=2)`: both are 4 rational-quadratic spline
+  couplings (8 bins on [−5, 5], identity tails, boundary derivatives 1) that transform the two
+  halves in turn. zuko's 2-pass masked MLP additionally gives the kept half an *unconditional*
+  spline (parameters from output biases only) at every step, and its masked layers store (and
+  count) all weights, so at equal width zuko reports more parameters. Derivatives: ours
+  m + softplus(·), zuko exp of a soft-clamped value; init: ours the identity, zuko random.
+* Our default `nsf` adds an LULinear, initialised at the identity, before each coupling (the
+  NSF-RQ-C of Durkan et al.); its row in the table is at the family's parameter budget, not
+  paired with zuko.
+* ΔNLL from a few hundred steps is dominated by optimisation noise; it is not a converged
+  comparison.
 """
 TOYS = ("moons", "8gaussians", "checkerboard")
+# Our NSF in zuko's NSF(passes=2) configuration (no linear layers, alternating halves, splines
+# on [−5, 5], no ActNorm): the partner of zuko NSF. `nsf` is our default (LULinear mixing).
+NSF_AS_ZUKO = "nsf mixing=none"
+PAIRS = (("realnvp", "zuko RealNVP"), (NSF_AS_ZUKO, "zuko NSF"))
 
 
 # --------------------------------------------------------------------------- data
@@ -199,13 +207,16 @@ def family(dim: int, target: int) -> dict[str, tuple[Callable[[int], torch.nn.Mo
     """Builders of one hidden width each, and their fixed settings."""
     toy = dim <= 16
     s = dict(steps=8)
-    ns = dict(steps=4, bins=8)
+    rs = dict(steps=8, actnorm=False)
+    ns = dict(steps=4, bins=8, bound=5.0, actnorm=False)
+    nz = {**ns, "mixing": "none"}
     ib = dict(blocks=4 if toy else 2)
     return {
-        "realnvp": (lambda h: realnvp(dim, hidden=h, **s), s),
+        "realnvp": (lambda h: realnvp(dim, hidden=h, **rs), rs),
         "glow": (lambda h: glow(dim, hidden=h, **s), s),
         "maf": (lambda h: maf(dim, hidden=(h, h), **s), s),
         "nsf": (lambda h: nsf(dim, hidden=h, **ns), ns),
+        NSF_AS_ZUKO: (lambda h: nsf(dim, hidden=h, **nz), nz),
         "dlf": (lambda h: dlf(dim, hidden=h, partitions=2, **s), {**s, "partitions": 2}),
         "impflow": (lambda h: impflow_model(dim, hidden=(h, h), **ib), ib),
     }
@@ -225,7 +236,7 @@ def build_models(dim: int, target: int, seed: int, with_zuko: bool) -> list[Mode
         cfg = dict(transforms=8, hidden_features=(hr, hr))
         models.append(Model("zuko RealNVP", zuko.flows.RealNVP(dim, **cfg), cfg, "zuko"))
         torch.manual_seed(seed)
-        hn = widths["nsf"]
+        hn = widths[NSF_AS_ZUKO]
         cfg = dict(transforms=4, hidden_features=(hn, hn), bins=8, passes=2)
         models.append(Model("zuko NSF", zuko.flows.NSF(dim, **cfg), cfg, "zuko"))
     return models
@@ -407,7 +418,7 @@ def run_dataset(name: str, args) -> dict:
     }
     # zuko pairs: time ratio from per-step medians, and per-step paired ratios
     pairs = []
-    for ours, theirs in (("realnvp", "zuko RealNVP"), ("nsf", "zuko NSF")):
+    for ours, theirs in PAIRS:
         if theirs not in times:
             continue
         a, b = times[ours], times[theirs]
@@ -466,10 +477,10 @@ def zuko_seed_runs(args, seeds: list[int]) -> list[dict]:
         for seed in seeds:
             print(f"== zuko seeds: {name}, seed {seed}", flush=True)
             models = [m for m in build_models(data.dim, target, seed, True)
-                      if m.name in ("realnvp", "nsf", "zuko RealNVP", "zuko NSF")]
+                      if m.name in {n for pair in PAIRS for n in pair}]
             times, _, _ = train_interleaved(models, data, steps, args.lr, seed, (), steps)
             nll = {m.name: test_nll(m, data) + data.offset for m in models}
-            for ours, theirs in (("realnvp", "zuko RealNVP"), ("nsf", "zuko NSF")):
+            for ours, theirs in PAIRS:
                 out.append({
                     "dataset": name, "seed": seed, "ours": ours, "zuko": theirs,
                     "nll_ours_nats": nll[ours], "nll_zuko_nats": nll[theirs],
@@ -490,43 +501,64 @@ def fmt(v, nd=4):
 
 
 ANALYSIS = """
-Findings of the default run (seed 0: `python benchmarks/family.py`; seeds 1, 2 of the zuko pairs:
-`python benchmarks/family.py --zuko-seeds-only --zuko-seeds 1 2`), 2 shared CPU cores, 1 thread:
+Findings of the default run (seed 0 and seeds 1, 2 of the zuko pairs:
+`python benchmarks/family.py --zuko-seeds 1 2`), 2 shared CPU cores, 1 thread. This run follows
+a rewrite of the Coupling layer and of the `realnvp`/`nsf` builders; the previous run's numbers
+are quoted as "before".
 
-* **Per-step time, ours/zuko.** NSF meets the 1.2× target everywhere (1.05–1.10 on the toys;
-  0.75–0.79 on digits, ours faster). RealNVP meets it on moons and checkerboard (1.08–1.13),
-  is borderline on 8gaussians (1.12–1.22) and misses it on digits (1.25–1.41).
-* **Cause (profile + ablation).** In the torch.profiler tables below our RealNVP spends more in
-  Adam.step (per-parameter-tensor loop on CPU: ActNorm adds 2 tensors per step, 64 tensors vs
-  zuko's 48; and 67% more parameters on digits), and issues more small ops: `aten::_to_copy` /
-  `copy_` from converting the boolean mask to the data dtype on every call
-  (`u * self.mask.to(u.dtype)`), and `aten::nonzero` from boolean-mask indexing (`u[:, b]`,
-  `params[:, b]`, `v[:, b] = v_b`) recomputed every call, where zuko precomputes index tensors
-  once. An interleaved 200-step ablation (same batches, same widths; a throwaway script, not
-  kept) measured ours/zuko = 1.17 (digits) and 1.12 (8gaussians) for our `realnvp`, and
-  1.06 / 0.98 for the same couplings *without* the per-step ActNorm. So about two thirds of the
-  gap is the ActNorm layer zuko's RealNVP does not have (a deliberate difference of our builder,
-  cheap in FLOPs but ~6 extra small ops forward and backward per step plus its Adam updates),
-  the rest the larger conditioner (d inputs, d·P outputs instead of d_a → d_b·P) and the per-call
-  mask handling. Possible fixes (not made): precompute the mask's index tensors and the float
-  mask; condition on x_a only and emit d_b·P outputs; Adam(foreach=True) in the trainer; an
-  option to drop ActNorm.
-* **NLL, ours − zuko.** Toys: mean ΔNLL +0.02 (nsf, moons) to +0.10 (realnvp, moons) nats, ours
-  worse on average; the 0.02-nat target holds in 6 of 18 seed/pair cases, and the seed-to-seed
-  spread (sd 0.01–0.13 nats) is as large as the gap, so 500 steps cannot settle a 0.02-nat
-  question. Digits RealNVP: +0.8 ± 3.0 nats/image (+0.013 nats/dim), within noise. Digits NSF:
-  ours is consistently worse by 15.8 ± 0.3 nats/image (0.25 nats/dim, 0.36 bits/dim) although it
-  has more parameters — a real gap, not investigated. Candidates: our spline's identity tails
-  outside [−3, 3] (standardised digits are heavy-tailed: near-constant pixels have tiny σ) vs
-  zuko's [−5, 5]; zuko's 2-pass layer transforms both halves per step while ours transforms
-  one; the width 10 forced on both by the 100k-parameter budget.
-* **DLF vs Glow (digits).** DLF reached Glow's final 300-step test bits/dim after 250 steps
-  (ratio 0.83), one seed; its curve is below Glow's at every evaluation, but it is noisy (at
-  step 275 DLF was above Glow's final value), so the margin is small.
-* No model is converged at these budgets (digits bits/dim still falling at step 300); the table
-  compares equal short budgets, not the models' capacity. ImpFlow's test NLL uses exact
-  log-dets on digits too (64 vjps per network; 4.9 s for 1440 test points); it is 4–11× slower
-  per training step than the coupling flows.
+* **Per-step time, ours/zuko (target ≤ 1.2): met everywhere.** RealNVP 0.85–0.95 on the toys
+  and 0.88–0.93 on digits (before: 1.08–1.22 and 1.25–1.41). NSF (`nsf mixing=none`, zuko's
+  configuration) 0.75–0.79 on the toys and 0.55–0.59 on digits (before, our old `nsf` with
+  ActNorm and LU layers: 1.05–1.10 and 0.75–0.79). Our default `nsf`, with its LU layers, costs
+  0.96–0.99× zuko NSF per step on the toys at the same width.
+* **What changed in the Coupling layer.** The kept/transformed index tensors and the
+  reassembling permutation are buffers computed once from the mask (no `mask.to(dtype)`, no
+  `aten::nonzero` per call); for vectors the conditioner maps the d_a kept features to the d_b·P
+  parameters of the transformed ones (before: all d inputs, d·P outputs), so at equal widths our
+  RealNVP now has exactly zuko's parameter count (digits, width 50: 59,712 vs 99,648 before).
+  Images keep the x ⊙ m input of the conv conditioner, with the float mask as a buffer. An
+  interleaved 200-step check of the layer alone (same widths, 8 couplings; scratch script):
+  ours/zuko 1.21 → 0.77 (8gaussians) and 1.26 → 0.91 (digits) without ActNorm, 1.16 / 1.01
+  with the ActNorm per step.
+* **ActNorm is now optional** (`realnvp(..., actnorm=)`, `nsf(..., actnorm=)`), off by default
+  for vectors: on these standardised data sets it did not improve the test NLL consistently in
+  24 seed/dataset/model cases (realnvp: −0.01 to +0.2 nats on the toys, one of three digits
+  seeds diverged with it; nsf: −0.03 to +0.01 nats on the toys) and cost 15–40% (realnvp) or ~5% (nsf) more time per step. Images
+  (realnvp's multi-scale form) keep it.
+* **NLL, RealNVP vs zuko: toys miss the 0.02-nat target, digits within noise.** Toys: ours is
+  worse in all 9 seed/dataset cases, +0.13 ± 0.05 (moons), +0.15 ± 0.07 (8gaussians),
+  +0.06 ± 0.03 (checkerboard) nats. The architectures are now identical; the cause is the
+  initialisation: our conditioners' last layer starts at zero (every coupling the identity),
+  zuko's is random. Re-initialising that layer randomly in ours (scratch run, 8gaussians and
+  moons, seeds 0, 1, same batches) gave 3.258 / 3.147 and 2.528 / 2.472 nats vs zuko's
+  3.164 / 3.156 and 2.486 / 2.493 (zero init: 3.386 / 3.265 and 2.590 / 2.678); zuko's wider
+  log-scale range (s/(1 + |s|/6.9) vs our 3·tanh(s/3)) is not it (bound 6.9: equal or worse).
+  The zero init is a deliberate property of the library (layers start as the identity; tested),
+  kept; at 500 steps on 2-D toys it costs ~0.1 nats. Digits: −0.2 ± 1.2 nats/image
+  (−0.003 nats/dim), within noise.
+* **NLL, NSF vs zuko: the digits gap is gone.** `nsf mixing=none` vs zuko NSF: moons
+  −0.026 ± 0.018, 8gaussians −0.010 ± 0.018, checkerboard −0.007 ± 0.024 nats (|Δ| ≤ 0.02 in
+  4 of 9 cases, in the other 5 ours better by 0.02–0.04), digits −2.0 ± 0.4 nats/image
+  (−0.032 nats/dim, ours better; before: +15.8 ± 0.3 worse). Controlled runs on digits (300
+  steps, width 10 for all, same batches, 3 seeds; bits/dim): zuko 2.506; old `nsf` (ActNorm,
+  LU at a random rotation, the same half every step, bound 3) 2.874 (seed 0); same with
+  alternating halves and bound 5: 2.839; LU at the identity with the same half every step:
+  2.542 (seed 0); no LU, alternating halves: 2.421 (bound 5), 2.460 (bound 3); LU at the identity
+  and alternating halves: 2.210 (2.204 with ActNorm). So the gap was (1) the LU layers' random
+  rotation initialisation, ≈0.6 bits/dim, (2) transforming the same half at every step, ≈0.3,
+  (3) bound 3 instead of 5, ≈0.04. `nsf` now alternates halves, initialises its LU layers at
+  the identity (`mixing="rotation"` keeps the old one) and uses bound 5. zuko's extra
+  unconditional spline of the kept half is a legitimate difference (adding one to ours: 2.393
+  vs 2.421 bits/dim, at 1.3× the time), not adopted.
+* **Default `nsf` on digits**: 2.195 bits/dim (before 2.856), the best model of the family
+  here; zuko NSF 2.363 at 1.5× the width. glow and dlf still initialise their LU layers at a
+  random rotation (not changed here) and score 2.74 bits/dim; they may gain from the same fix.
+* **DLF vs Glow (digits).** With the smaller coupling conditioner, Glow's width at the same
+  budget rose from 18 to 31 (= DLF's), and the two curves are now nearly identical (vector DLF
+  with 2 partitions is an affine coupling of the same shape): DLF reaches Glow's 300-step value
+  at step 300, ratio 1.00 (before 0.83, which came from the width difference).
+* No model is converged at these budgets; the table compares equal short budgets, not the
+  models' capacity. ImpFlow's test NLL uses exact log-dets on digits too.
 """
 """Findings written after reading the default run's numbers and profiles (see the md file)."""
 

@@ -119,3 +119,55 @@ def test_linear_and_elementwise_alternation_beats_either_alone():
     }
     scores = {name: nll(train(flow, data), held_out) for name, flow in flows.items()}
     assert scores["alternating"] < min(scores["linear"], scores["elementwise"]) - 0.3, scores
+
+
+def _modules(flow: Flow, kind: type) -> list:
+    return [m for m in flow.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("actnorm", [False, True])
+def test_actnorm_option(actnorm):
+    from impflow.transforms.coupling import Coupling
+
+    for flow in (realnvp(4, steps=3, hidden=8, actnorm=actnorm), nsf(4, steps=3, hidden=8, actnorm=actnorm)):
+        assert len(_modules(flow, ActNorm)) == (3 if actnorm else 0)
+        assert len(_modules(flow, Coupling)) == 3
+        check_flow(perturb(flow, std=0.1).double(), torch.randn(5, 4, dtype=torch.float64))
+
+
+def test_nsf_structure():
+    """Alternating halves; LULinear at the identity ("lu"), at a rotation, or absent; bound 5."""
+    from impflow.transforms.coupling import Coupling, half_mask
+
+    flow = nsf(6, steps=3, hidden=8)
+    couplings = _modules(flow, Coupling)
+    assert [c.mask.tolist() for c in couplings] == [half_mask(6, k).tolist() for k in range(3)]
+    assert all(c.transformer.bound == 5.0 for c in couplings)
+    lus = _modules(flow, LULinear)
+    assert len(lus) == 3
+    x = torch.randn(4, 6)
+    for lu in lus:
+        z, ladj = lu(x)
+        assert torch.allclose(z, x) and torch.allclose(ladj, torch.zeros(4))
+    rotated = _modules(nsf(6, steps=2, hidden=8, mixing="rotation"), LULinear)
+    assert not torch.allclose(rotated[0](x)[0], x)
+    assert not _modules(nsf(6, steps=2, hidden=8, mixing="none"), LULinear)
+    with pytest.raises(ValueError, match="mixing"):
+        nsf(6, mixing="random")
+    check_flow(perturb(nsf(6, steps=2, hidden=8, mixing="none"), std=0.1).double(), torch.randn(5, 6, dtype=torch.float64))
+
+
+def test_realnvp_matches_the_standard_parameter_count():
+    """d_a kept features -> two hidden layers -> d_b·2 outputs per coupling, no other parameters."""
+    d, h, steps = 7, 16, 4
+    expected = 0
+    for k in range(steps):
+        d_a = 4 if k % 2 == 0 else 3  # alternating_mask(7, k): parity-k indices condition
+        expected += (d_a + 1) * h + (h + 1) * h + (h + 1) * (d - d_a) * 2
+    assert sum(p.numel() for p in realnvp(d, steps=steps, hidden=h).parameters()) == expected
+
+
+def test_realnvp_actnorm_default_vectors_off_images_on():
+    assert not _modules(realnvp(4, steps=2, hidden=8), ActNorm)
+    assert _modules(realnvp(shape=(2, 4, 4), steps=2, levels=1, hidden=8), ActNorm)
+    assert not _modules(realnvp(shape=(2, 4, 4), steps=2, levels=1, hidden=8, actnorm=False), ActNorm)

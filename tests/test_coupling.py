@@ -105,8 +105,37 @@ def test_image_coupling(mask, transformer):
 
 
 def test_custom_conditioner():
-    t = perturb(Coupling(half_mask(4), "affine", conditioner=MLP(4, 4 * 2, hidden=(8,)))).double()
+    """Vectors: the conditioner maps the d_a kept features to d_b·P outputs."""
+    t = perturb(Coupling(half_mask(4), "affine", conditioner=MLP(2, 2 * 2, hidden=(8,)))).double()
     check_bijection(t, torch.randn(3, 4, dtype=torch.float64))
+    bad = Coupling(half_mask(4), "affine", conditioner=MLP(2, 4 * 2, hidden=(8,)))
+    with pytest.raises(ValueError, match="outputs"):
+        bad(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("mask", [half_mask(7), half_mask(7, 1), alternating_mask(7), alternating_mask(7, 1)])
+def test_conditioner_sees_only_the_kept_part(mask):
+    """z_b depends on x_a and x_b, z_a only on x_a; the default conditioner is d_a -> d_b·P."""
+    t = perturb(Coupling(mask, "spline", hidden=8, bins=4)).double()
+    d_a, d_b = int(mask.sum()), int((~mask).sum())
+    assert t.conditioner.net[0].in_features == d_a
+    assert t.conditioner.net[-1].out_features == d_b * t.transformer.num_params
+    x = torch.randn(1, 7, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: t(v)[0], x)[0, :, 0]  # (7, 7)
+    a, b = mask, ~mask
+    assert torch.equal(jac[a][:, a], torch.eye(d_a, dtype=torch.float64))
+    assert torch.equal(jac[a][:, b], torch.zeros(d_a, d_b, dtype=torch.float64))
+    assert (jac[b][:, a].abs() > 0).any()  # the transformed part is conditioned on the kept part
+    off_diag = jac[b][:, b] - torch.diag(torch.diagonal(jac[b][:, b]))
+    assert torch.equal(off_diag, torch.zeros_like(off_diag))  # elementwise in x_b
+
+
+def test_index_buffers_follow_the_module_and_are_not_saved():
+    t = Coupling(checkerboard_mask(IMAGE), "affine", hidden=8).double()
+    assert t.mask_float.dtype == torch.float64 and t.mask.dtype == torch.bool
+    assert set(t.state_dict()) - {k for k in t.state_dict() if k.startswith("conditioner.")} == {"mask"}
+    v = Coupling(half_mask(5))
+    assert v.idx_a.tolist() == [0, 1, 2] and v.idx_b.tolist() == [3, 4]
 
 
 def test_zero_init_is_identity():
@@ -120,7 +149,7 @@ def test_zero_init_is_identity():
 def test_affine_coupling_expands_and_contracts(sign):
     """One layer reaches scales far from 1 both ways: |dz_b/dx_b| > 2 (expansion) or < 1/2."""
     t = vector_coupling("affine").double()
-    t.conditioner.net[-1].bias.data.view(5, 2)[:, 1] = sign * 2.0  # raw log-scale
+    t.conditioner.net[-1].bias.data.view(-1, 2)[:, 1] = sign * 2.0  # raw log-scales of x_b
     x = torch.randn(3, 5, dtype=torch.float64)
     z, ladj = t(x)
     transformed = ~t.mask

@@ -8,9 +8,16 @@ transformed part x_b = x[¬m]:
 
 where τ is a monotone elementwise map (the *transformer*) whose parameters θ come from a
 network (the *conditioner*) of x_a. The inverse is x_b = τ⁻¹(z_b; θ(z_a)) since z_a = x_a.
-The conditioner sees x ⊙ m (the full-shaped tensor with the transformed part zeroed), which
-handles every mask alike: half/alternating masks for vectors, checkerboard and channel masks
-for images.
+
+Vectors: the conditioner maps the d_a kept features x_a to parameters for the d_b transformed
+features only, (B, d_a) -> (B, d_b·P) (the standard RealNVP / NSF conditioner). The kept and
+transformed parts are gathered with index tensors computed once from the mask (buffers), and
+z is reassembled with one precomputed permutation — no boolean-mask indexing per call.
+
+Images: the conditioner is a ConvNet that needs the spatial layout, so it sees x ⊙ m (the
+transformed part zeroed) and emits parameters for every element, (B, C·P, H, W); those of the
+transformed elements are gathered with the same precomputed flat indices. The float mask is a
+buffer too, so it follows ``.double()`` / ``.to()`` and no dtype conversion happens per call.
 """
 
 from __future__ import annotations
@@ -182,7 +189,7 @@ def make_transformer(
 
 
 class Coupling(Transform):
-    """z_a = x_a, z_b = τ(x_b; θ(x ⊙ m)): a coupling layer with mask ``m`` (True = passed through).
+    """z_a = x_a, z_b = τ(x_b; θ(x_a)): a coupling layer with mask ``m`` (True = passed through).
 
     Args:
         mask: boolean tensor of the event shape, (d,) for vectors or (C, H, W) for images;
@@ -191,10 +198,12 @@ class Coupling(Transform):
             :func:`channel_mask`.
         transformer: ``"affine"``, ``"additive"``, ``"piecewise_linear"``, ``"spline"`` or an
             :class:`ElementwiseTransformer`.
-        conditioner: a module mapping x ⊙ m, shape (B, *event), to (B, d·P) for vectors or
-            (B, C·P, H, W) for images, P = ``transformer.num_params``; by default an MLP
-            (vectors) or ConvNet (images) of width ``hidden`` with a zero last layer, so the
-            layer starts as the identity.
+        conditioner: for vectors a module mapping x_a, shape (B, d_a) (the kept features in
+            increasing index order), to (B, d_b·P), output unit j·P + p holding parameter p of
+            the j-th transformed feature (increasing index order); for images a module mapping
+            x ⊙ m, shape (B, C, H, W), to (B, C·P, H, W). P = ``transformer.num_params``. By
+            default an MLP (vectors) or ConvNet (images) of width ``hidden`` with a zero last
+            layer, so the layer starts as the identity.
         **transformer_kwargs: options of the transformer (e.g. ``scale_bound``, ``bins``, ``bound``).
     """
 
@@ -213,30 +222,56 @@ class Coupling(Transform):
         if bool(mask.all()) or not bool(mask.any()):
             raise ValueError("mask must mark some (not all) elements as conditioning")
         self.register_buffer("mask", mask)
+        self.event_shape = tuple(mask.shape)
+        self.image = mask.dim() == 3
+        flat = mask.reshape(-1)
+        idx_a, idx_b = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+        # index buffers: derived from the mask, so not saved in the state dict
+        self.register_buffer("idx_a", idx_a, persistent=False)
+        self.register_buffer("idx_b", idx_b, persistent=False)
+        # z = cat([z_a, z_b])[:, unperm] puts every element back at its place
+        self.register_buffer("unperm", torch.argsort(torch.cat([idx_a, idx_b])), persistent=False)
+        if self.image:  # float copy of the mask for the conv conditioner's input x ⊙ m
+            self.register_buffer("mask_float", mask.to(torch.get_default_dtype()), persistent=False)
         self.transformer = make_transformer(transformer, **transformer_kwargs)
         if conditioner is None:
-            features = mask.shape[0]
-            conditioner = default_conditioner(
-                features, features * self.transformer.num_params, image=mask.dim() == 3, hidden=hidden
-            )
+            p = self.transformer.num_params
+            if self.image:
+                c = mask.shape[0]
+                conditioner = default_conditioner(c, c * p, image=True, hidden=hidden)
+            else:
+                conditioner = default_conditioner(len(idx_a), len(idx_b) * p, image=False, hidden=hidden)
         self.conditioner = conditioner
 
     def _check(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != tuple(self.mask.shape):
+        if x.shape[1:] != self.event_shape:
             raise ValueError(
-                f"Coupling with mask of shape {tuple(self.mask.shape)} got input of shape {tuple(x.shape)}"
+                f"Coupling with mask of shape {self.event_shape} got input of shape {tuple(x.shape)}"
             )
 
     def _couple(self, u: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """Apply τ (or τ⁻¹) to the transformed entries u[:, ¬m] only; the rest is copied."""
+        """Apply τ (or τ⁻¹) to the transformed entries u_b only; u_a is passed through."""
         self._check(u)
-        params = unflatten_params(self.conditioner(u * self.mask.to(u.dtype)), self.transformer.num_params)
-        b = ~self.mask
+        n, p = u.shape[0], self.transformer.num_params
         step = self.transformer.inverse if inverse else self.transformer
-        v_b, logabsdet = step(u[:, b], params[:, b])  # (B, n_b), (B, n_b)
-        v = u.clone()
-        v[:, b] = v_b
-        return v, logabsdet.sum(1)
+        if self.image:
+            mask = self.mask_float if self.mask_float.dtype == u.dtype else self.mask_float.to(u.dtype)
+            params = unflatten_params(self.conditioner(u * mask), p).reshape(n, -1, p)
+            flat = u.reshape(n, -1)
+            u_a, u_b = flat.index_select(1, self.idx_a), flat.index_select(1, self.idx_b)
+            params = params.index_select(1, self.idx_b)
+        else:
+            u_a, u_b = u.index_select(1, self.idx_a), u.index_select(1, self.idx_b)
+            params = self.conditioner(u_a)
+            if params.shape[1] != self.idx_b.shape[0] * p:
+                raise ValueError(
+                    f"the conditioner returned {params.shape[1]} outputs; this coupling needs "
+                    f"{self.idx_b.shape[0]}·{p} (transformed features × parameters)"
+                )
+            params = params.view(n, -1, p)
+        v_b, logabsdet = step(u_b, params)  # (B, d_b), (B, d_b)
+        v = torch.cat([u_a, v_b], dim=1).index_select(1, self.unperm)
+        return v.view(u.shape), logabsdet.sum(1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(x, inverse=False)
