@@ -1,4 +1,5 @@
-"""Matplotlib figures for flows: 2-D densities, samples against data, training curves.
+"""Matplotlib figures for flows: 2-D densities, samples against data, training curves, and the
+diagnostics (volume monitor, PPCA curve).
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas, so importing this
 module never changes the global pyplot backend or leaks open figures. Every ``plot_*``
@@ -21,7 +22,16 @@ from torch import Tensor, nn
 
 from .data import toy2d
 
-__all__ = ["density_grid", "plot_density", "plot_true_density", "plot_samples", "plot_training_curve"]
+__all__ = [
+    "density_grid",
+    "plot_density",
+    "plot_true_density",
+    "plot_samples",
+    "plot_training_curve",
+    "plot_density_panels",
+    "plot_volume",
+    "plot_ppca_curve",
+]
 
 Bounds = tuple[float, float]
 ArrayLike = Tensor | np.ndarray
@@ -189,4 +199,136 @@ def plot_training_curve(
     ax.legend()
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def plot_density_panels(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    suptitle: str | None = None,
+) -> Path:
+    """Densities side by side on a common colour scale (0 to the largest 99.5th percentile of the
+    panels): ``panels`` = [(title, xx, yy, logp), ...] with xx, yy, logp as returned by
+    :func:`density_grid` (e.g. the true density, then models)."""
+    if not panels:
+        raise ValueError("no panels to draw")
+    vmax = max(float(np.percentile(np.exp(p[3]), 99.5)) for p in panels)  # a sharp model peak saturates
+    fig = Figure(figsize=(3.6 * len(panels), 3.8))
+    for k, (title, xx, yy, logp) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        extent = (xx[0, 0], xx[0, -1], yy[0, 0], yy[-1, 0])
+        ax.imshow(np.exp(logp), origin="lower", extent=extent, cmap="viridis", aspect="equal", vmin=0, vmax=vmax)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _volume_records(history: Sequence[Mapping]) -> list[tuple[int, Mapping]]:
+    return [
+        (rec.get("step", i), rec["volume"]["blocks"])
+        for i, rec in enumerate(history)
+        if isinstance(rec.get("volume"), Mapping) and "blocks" in rec["volume"]
+    ]
+
+
+def plot_volume(history: Sequence[Mapping], path: str | os.PathLike, title: str | None = None) -> Path:
+    """The volume monitor's records (``history[i]["volume"]``, see
+    :class:`impflow.train.monitor.VolumeMonitor`) against the step, three panels: per-block
+    log-det mean (± one standard deviation, shaded), and the estimated Lip(f) and Lip(f⁻¹) of
+    each residual/implicit block (solid) with their certified bounds (dotted, where finite and
+    on scale)."""
+    records = _volume_records(history)
+    if not records:
+        raise ValueError("no volume records in history (train with the volume monitor on)")
+    names = list(dict.fromkeys(chain.from_iterable(blocks for _, blocks in records)))
+    fig = Figure(figsize=(15, 4.2))
+    ax = [fig.add_subplot(1, 3, k + 1) for k in range(3)]
+
+    def series(name: str, key: str) -> tuple[list[int], list[float]]:
+        rows = [(s, b[name][key]) for s, b in records if name in b and b[name].get(key) is not None]
+        return ([r[0] for r in rows], [r[1] for r in rows]) if rows else ([], [])
+
+    from matplotlib import colormaps
+
+    learned = [n for n in names if "ActNorm" not in n]
+    others = [n for n in names if "ActNorm" in n]
+    cmap = colormaps["tab10"] if len(learned) <= 10 else colormaps["viridis"].resampled(len(learned))
+    greys = colormaps["Greys"]
+    colours = {n: cmap(j) for j, n in enumerate(learned)}
+    colours |= {n: greys(0.35 + 0.6 * j / max(len(others) - 1, 1)) for j, n in enumerate(others)}
+    lip_max = 1.0
+    for name in names:
+        colour = colours[name]
+        steps, mean = series(name, "logdet_mean")
+        _, std = series(name, "logdet_std")
+        if steps:
+            m, s = np.asarray(mean), np.asarray(std)
+            if "ActNorm" in name:  # constant over points: a thin dashed line, no band
+                ax[0].plot(steps, m, ls="--", lw=0.8, color=colour, label=name)
+            else:
+                ax[0].plot(steps, m, marker="o", ms=2.5, color=colour, label=name)
+                ax[0].fill_between(steps, m - s, m + s, color=colour, alpha=0.12)
+        for a, key in ((ax[1], "lip"), (ax[2], "lip_inv")):
+            steps, values = series(name, key)
+            if not steps:
+                continue
+            lip_max = max(lip_max, *values)
+            a.plot(steps, values, marker="o", ms=2.5, color=colour, label=name)
+            b_steps, bounds = series(name, f"{key}_bound")
+            finite = [(s, b) for s, b in zip(b_steps, bounds) if np.isfinite(b)]
+            if finite:
+                a.plot(*zip(*finite), ls=":", lw=0.8, alpha=0.6, color=colour)
+    ax[0].axhline(0, color="k", lw=0.5)
+    ax[0].set_title("per-block log|det J| (mean ± std over points; ActNorm dashed)", fontsize=10)
+    ax[0].set_ylabel("nats")
+    ax[1].set_title("Lip(block): estimate (solid), certified bound (dotted)", fontsize=10)
+    ax[2].set_title("Lip(block⁻¹): estimate (solid), certified bound (dotted)", fontsize=10)
+    for a in ax[1:]:
+        a.set_yscale("log")
+        a.set_ylim(top=lip_max * 4)  # bounds far above the estimates are clipped, not rescaled to
+    for a in ax:
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=6, ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_ppca_curve(
+    train: Tensor | np.ndarray,
+    path: str | os.PathLike,
+    qs: Sequence[int] | None = None,
+    title: str | None = None,
+) -> Path:
+    """The closed-form optimum of probabilistic PCA with q principal components against q
+    (:func:`impflow.theory.ppca_curve`: nats per example, and bits per dimension on the right
+    axis), with the full Gaussian - the best affine flow - as a horizontal line. ``train`` is
+    (N, D) or (N, *event) data as the model sees it; ``qs`` default: every q < D up to D = 64,
+    else about 40 values spread over [0, D)."""
+    from . import theory
+
+    x = torch.as_tensor(np.asarray(train) if not isinstance(train, Tensor) else train)
+    curve = theory.ppca_curve(x, qs)
+    d = curve["dim"]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.plot(curve["q"], curve["nll"], marker="o", ms=3, label="PPCA optimum, q components")
+    full = curve["gaussian_nll"]
+    ax.axhline(full, color="C3", ls="--", lw=1, label=f"full Gaussian (best affine flow): {full:.4g}")
+    ax.set_xlabel("q (principal components)")
+    ax.set_ylabel("training NLL (nats per example)")
+    right = ax.secondary_yaxis("right", functions=(lambda v: v / (d * np.log(2)), lambda b: b * d * np.log(2)))
+    right.set_ylabel("bits per dimension (nats / D ln 2)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"PPCA curve, D = {d}, N = {curve['n_train']}")
     return _save(fig, path)

@@ -242,7 +242,9 @@ def sample_run(
 
 def plot_run(run: str | Path, which: str = "best", device: str | torch.device | None = None) -> dict[str, Path]:
     """PNGs in ``run/plots``: the learned density (exact log-det), samples beside data, the training
-    curve with the entropy and Gaussian baseline, and the true density where known. Returns the paths."""
+    curve with the entropy and Gaussian baseline, and the true density where known; and, when the
+    history has volume-monitor records, ``run/plots/diagnostics/volume.png`` (per-block log-dets
+    and Lipschitz estimates, :func:`impflow.plots.plot_volume`). Returns the paths."""
     from .. import plots  # matplotlib only when plotting
 
     run = Path(run)
@@ -265,6 +267,9 @@ def plot_run(run: str | Path, which: str = "best", device: str | torch.device | 
         if base["entropy"] is not None:
             reference["entropy"] = base["entropy"]
         paths["training_curve"] = plots.plot_training_curve(history, out / "training_curve.png", reference, title)
+        if any(isinstance(r.get("volume"), dict) and "blocks" in r["volume"] for r in history):
+            # a subfolder: plots/*.png stays the fixed set of run plots
+            paths["volume"] = plots.plot_volume(history, out / "diagnostics" / "volume.png", title=title)
     if config.data in toy2d.EXACT_DENSITY:
         paths["true_density"] = plots.plot_true_density(config.data, out / "true_density.png", bounds)
     return paths

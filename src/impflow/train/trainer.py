@@ -22,7 +22,7 @@ from ..checkpoint import HISTORY, CheckpointError, has_checkpoint, load_trainer_
 from ..checkpoint import save_checkpoint, write_json
 from ..config import RESUMABLE, RunConfig, model_kwargs
 from ..data import toy2d
-from .monitor import Progress, ProgressMode, SolverMonitor, WarningCounter, summarize_solves
+from .monitor import Progress, ProgressMode, SolverMonitor, VolumeMonitor, WarningCounter, summarize_solves
 from .runs import build_model, dataset, evaluate, load_model_state, read_run, refresh_spectral, resolve_device
 from .runs import stream_seed, torch_dtype, write_config
 
@@ -106,17 +106,23 @@ class Trainer:
     Logged per record (``history``): ``loss`` (the training objective averaged over the steps
     since the previous record - with a stochastic log-det estimator it is not the NLL), ``lr``,
     ``solver_iterations`` (mean forward root-solver iterations of the last step, where the
-    model solves any), and at evaluations ``val_nll`` (exact log-det, nats) and its standard error
-    ``val_se``.
+    model solves any), and at evaluations ``val_nll`` (exact log-det, nats), its standard error
+    ``val_se`` and ``volume``: the per-block log-det mean/std and Lipschitz estimates of each
+    residual/implicit block and its inverse on the first ``volume_points`` validation points
+    (:class:`~impflow.train.monitor.VolumeMonitor`; drawn by ``impflow plot``).
 
     Args:
         config: the run's settings.
         out: the run directory.
         progress: ``"auto"`` (a bar on a terminal, else lines), ``"bar"``, ``"lines"`` or ``"none"``;
             ``config.quiet`` forces ``"none"``.
+        volume_points: validation points the volume monitor uses at each evaluation (0: off). It
+            draws no random numbers, so it does not change the training trajectory.
     """
 
-    def __init__(self, config: RunConfig, out: str | Path, progress: ProgressMode = "auto") -> None:
+    def __init__(
+        self, config: RunConfig, out: str | Path, progress: ProgressMode = "auto", volume_points: int = 256
+    ) -> None:
         out = Path(out)
         if has_checkpoint(out):
             step = pointer(out, "last")["step"]
@@ -127,13 +133,17 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
-        self._setup(config, out, kwargs, progress)
+        self._setup(config, out, kwargs, progress, volume_points)
         out.mkdir(parents=True, exist_ok=True)
         write_config(out, config, kwargs)
 
     @classmethod
     def resume(
-        cls, out: str | Path, overrides: Mapping[str, Any] | None = None, progress: ProgressMode = "auto"
+        cls,
+        out: str | Path,
+        overrides: Mapping[str, Any] | None = None,
+        progress: ProgressMode = "auto",
+        volume_points: int = 256,
     ) -> "Trainer":
         """Continue the run in ``out`` from its last checkpoint; ``overrides`` may change only the
         settings in :data:`impflow.config.RESUMABLE` (e.g. ``steps``)."""
@@ -150,14 +160,16 @@ class Trainer:
         config = config.replace(**changed)
         state = load_trainer_state(out, "last")
         self = cls.__new__(cls)
-        self._setup(config, out, kwargs, progress)
+        self._setup(config, out, kwargs, progress, volume_points)
         load_model_state(self.model, load_weights(out, "last", self.device), str(pointer(out, "last")["dir"]))
         self._load_state(state)
         if changed:
             write_config(out, config, kwargs)
         return self
 
-    def _setup(self, config: RunConfig, out: Path, kwargs: dict[str, Any], progress: ProgressMode) -> None:
+    def _setup(
+        self, config: RunConfig, out: Path, kwargs: dict[str, Any], progress: ProgressMode, volume_points: int
+    ) -> None:
         self.config, self.out = config, out
         self.progress_mode: ProgressMode = "none" if config.quiet else progress
         self.device = resolve_device(config.device)
@@ -170,6 +182,7 @@ class Trainer:
         self._train_set = dataset(config, "train", config.train_size) if config.train_size else None
         self._val = dataset(config, "val", config.eval_size).to(self.device)
         self._monitor = SolverMonitor(self.model)
+        self._volume = VolumeMonitor(self.model, self._val[:volume_points]) if volume_points > 0 else None
         self.warnings = WarningCounter()
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -268,6 +281,8 @@ class Trainer:
             is_best = math.isfinite(result["nll"]) and (self.best is None or result["nll"] < self.best["val_nll"])
             if is_best:
                 self.best = {"step": self.step, "val_nll": result["nll"]}
+            if self._volume is not None:
+                record["volume"] = self._volume()
         self.history.append(record)
         self._pending = []
         if evaluate_now:
