@@ -233,3 +233,17 @@ def test_classic_model_trains(tmp_path):
     trainer = Trainer(RunConfig(**(TINY | dict(model="linear", blocks=None, hidden=None, steps=5))), tmp_path)
     assert trainer.fit().status == "done"
     assert impflow.load(tmp_path).log_prob(torch.zeros(3, 2)).shape == (3,)
+
+
+def test_scheduled_evaluations_check_the_spectral_bound(tmp_path):
+    """Every scheduled evaluation replaces power-iteration estimates by exact singular pairs."""
+    trainer = Trainer(tiny(steps=6, eval_every=3), tmp_path)
+    trainer.fit()
+    lags = [r["spectral_lag"] for r in trainer.history if "spectral_lag" in r]
+    assert len(lags) == 2 and all(lag >= 1.0 - 1e-6 for lag in lags)
+    from impflow.nn import SpectralLinear
+
+    for m in trainer.model.modules():
+        if isinstance(m, SpectralLinear):
+            norm = float(torch.linalg.matrix_norm(m.normalized_weight().detach(), ord=2))
+            assert norm <= m.coeff * (1 + 1e-5)

@@ -23,6 +23,7 @@ from ..checkpoint import save_checkpoint, write_json
 from ..config import RESUMABLE, RunConfig, model_kwargs
 from ..data import toy2d
 from .monitor import Progress, ProgressMode, SolverMonitor, VolumeMonitor, WarningCounter, summarize_solves
+from ..nn.lipschitz import sync_spectral
 from .runs import build_model, dataset, evaluate, load_model_state, read_run, refresh_spectral, resolve_device
 from .runs import stream_seed, torch_dtype, write_config
 
@@ -109,7 +110,9 @@ class Trainer:
     model solves any), and at evaluations ``val_nll`` (exact log-det, nats), its standard error
     ``val_se`` and ``volume``: the per-block log-det mean/std and Lipschitz estimates of each
     residual/implicit block and its inverse on the first ``volume_points`` validation points
-    (:class:`~impflow.train.monitor.VolumeMonitor`; drawn by ``impflow plot``).
+    (:class:`~impflow.train.monitor.VolumeMonitor`; drawn by ``impflow plot``), and at scheduled
+    evaluations ``spectral_lag``: the largest σ/σ̂ found when the spectral-norm estimates were
+    replaced by exact top singular pairs (:func:`impflow.nn.sync_spectral`; 1.0 = no drift).
 
     Args:
         config: the run's settings.
@@ -274,6 +277,10 @@ class Trainer:
         if self._last_solves["solves"]:
             record["solver_iterations"] = self._last_solves["mean_iterations"]
         is_best = False
+        if evaluate_now and self.step % self.config.eval_every == 0:
+            # the Lipschitz check: exact top singular pairs replace the power-iteration
+            # estimates (on the eval schedule only, so a resumed run syncs at the same steps)
+            record["spectral_lag"] = sync_spectral(self.model)
         if evaluate_now:
             result = self.evaluate()
             record |= {"val_nll": result["nll"], "val_se": result["nll_se"]}
