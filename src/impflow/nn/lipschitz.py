@@ -192,6 +192,14 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def check_lipschitz_args(activation: str, coeff: float) -> None:
+    """Validate the settings every Lipschitz network g of an invertible block shares."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    if not 0 < coeff < 1:
+        raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
+
+
 class LipschitzMLP(nn.Module):
     """g: R^dim -> R^dim, an MLP of :class:`SpectralLinear` layers and 1-Lipschitz activations.
 
@@ -214,10 +222,7 @@ class LipschitzMLP(nn.Module):
         n_power_iterations: int = 5,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-        if not 0 < coeff < 1:
-            raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
+        check_lipschitz_args(activation, coeff)
         self.dim = dim
         self.coeff = coeff
         sizes = [dim, *hidden, dim]

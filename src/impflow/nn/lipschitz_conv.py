@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lipschitz import ACTIVATIONS, SpectralLinear, _unit
+from .lipschitz import ACTIVATIONS, SpectralLinear, _unit, check_lipschitz_args
 
 __all__ = ["SpectralConv2d", "LipschitzConvNet", "conv_lipschitz_bound"]
 
@@ -138,10 +138,7 @@ class LipschitzConvNet(nn.Module):
         n_power_iterations: int = 5,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-        if not 0 < coeff < 1:
-            raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
+        check_lipschitz_args(activation, coeff)
         if not kernels:
             raise ValueError("kernels must name at least one convolution")
         self.event_shape = tuple(input_shape)
