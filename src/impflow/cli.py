@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import CheckpointError, has_checkpoint
 from .config import FIELDS, PRESETS, ConfigError, RunConfig, coerce, parse_bool, parse_hidden, preset_help, resolve
 from .train import Trainer, evaluate_run, plot_run, sample_run
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue RUN exactly from its last checkpoint (only steps, eval-every, log-every, device, "
                        "threads, quiet may change)")
+    train.add_argument("--devices", type=int, default=1, metavar="N",
+                       help="data-parallel processes to start on this machine (DistributedDataParallel: gloo on "
+                       "CPU, NCCL with one GPU each on CUDA); the batch size is the global batch, split evenly. "
+                       "Same as launching with torchrun --nproc_per_node N -m impflow train ... (default: 1)")
     _add_run_options(train)
     train.set_defaults(handler=_train)
 
@@ -169,7 +175,8 @@ def _fit(config: RunConfig, explicit: dict[str, Any], out: Path, resume: bool) -
     trainer = Trainer.resume(out, explicit) if resume else Trainer(config, out)
     _set_threads(trainer.config.threads)
     result = trainer.fit()
-    print(result.message, file=sys.stdout if result.status == "done" else sys.stderr)
+    if trainer.rank == 0:
+        print(result.message, file=sys.stdout if result.status == "done" else sys.stderr)
     return EXIT_CODES[result.status], str(trainer.device)
 
 
@@ -179,7 +186,18 @@ def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace) -> int:
     config, explicit = resolve(args.preset, args.config, _run_flags(args))
-    code, device = _fit(config, explicit, args.out, args.resume)
+    if args.devices < 1:
+        raise ConfigError(f"--devices must be at least 1, got {args.devices}")
+    if args.devices > 1 and distributed.requested_world_size() == 1:  # not already under a launcher
+        if not args.resume and config.batch_size % args.devices:
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by --devices {args.devices}")
+        return distributed.spawn(args.devices, args.argv)
+    try:
+        code, device = _fit(config, explicit, args.out, args.resume)
+        if distributed.rank() != 0:
+            return code
+    finally:
+        distributed.shutdown()
     if code == 0:
         _print_plots(plot_run(args.out, device=device))
     return code
@@ -246,10 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except (ConfigError, CheckpointError) as e:
-        print(f"impflow: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # the same on every data-parallel rank: say it once
+            print(f"impflow: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"impflow: error: {e}", file=sys.stderr)

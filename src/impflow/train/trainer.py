@@ -20,8 +20,10 @@ from torch import Tensor
 
 from ..checkpoint import HISTORY, CheckpointError, has_checkpoint, load_trainer_state, load_weights, pointer
 from ..checkpoint import save_checkpoint, write_json
-from ..config import RESUMABLE, RunConfig, model_kwargs
+from .. import distributed
+from ..config import RESUMABLE, ConfigError, RunConfig, model_kwargs
 from ..data import toy2d
+from ..logdet import exact_logdet
 from .monitor import Progress, ProgressMode, SolverMonitor, VolumeMonitor, WarningCounter, summarize_solves
 from ..nn.lipschitz import sync_spectral
 from .runs import build_model, dataset, evaluate, load_model_state, read_run, refresh_spectral, resolve_device
@@ -96,6 +98,12 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 class Trainer:
     """Maximum-likelihood training of a :class:`~impflow.Flow` on a toy 2-D dataset.
 
@@ -137,8 +145,12 @@ class Trainer:
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
         self._setup(config, out, kwargs, progress, volume_points)
-        out.mkdir(parents=True, exist_ok=True)
-        write_config(out, config, kwargs)
+        if self.rank:
+            _seed_all(distributed.rank_seed(config.seed, self.rank))  # own estimator noise per rank
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_config(out, config, kwargs)
+        distributed.barrier()
 
     @classmethod
     def resume(
@@ -166,17 +178,23 @@ class Trainer:
         self._setup(config, out, kwargs, progress, volume_points)
         load_model_state(self.model, load_weights(out, "last", self.device), str(pointer(out, "last")["dir"]))
         self._load_state(state)
-        if changed:
+        if changed and self.rank == 0:
             write_config(out, config, kwargs)
+        distributed.barrier()
         return self
 
     def _setup(
         self, config: RunConfig, out: Path, kwargs: dict[str, Any], progress: ProgressMode, volume_points: int
     ) -> None:
         self.config, self.out = config, out
-        self.progress_mode: ProgressMode = "none" if config.quiet else progress
-        self.device = resolve_device(config.device)
+        self.device = distributed.init(resolve_device(config.device))
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if config.batch_size % self.world:
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {self.world} processes")
+        self.progress_mode: ProgressMode = "none" if config.quiet or self.rank else progress
         self.model = build_model(config, kwargs).to(self.device)
+        # data parallel: the DDP wrapper computes the training loss; self.model stays the Flow
+        self._ddp = distributed.wrap(self.model, self.device) if self.world > 1 else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.schedule)
@@ -194,12 +212,14 @@ class Trainer:
         self._pending: list[float] = []  # losses since the last history record
         self._last_solves: dict[str, Any] = {"solves": 0}
         self._saved_step = -1
+        self._synced_warnings = 0  # convergence warnings already summed over the ranks
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything besides the weights that an exact resumption needs."""
-        return {
+        """Everything besides the weights that an exact resumption needs (with several processes,
+        a collective: every rank's RNG states are gathered under ``rank_rng``)."""
+        state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -211,11 +231,20 @@ class Trainer:
             "pending_losses": self._pending,
             "convergence_warnings": self.warnings.count,
         }
+        if self.world > 1:
+            state["rank_rng"] = distributed.all_gather_object(_rng_state(self.device))
+        return state
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ranks = state.get("rank_rng")
+        if self.world > 1 and ranks is not None and len(ranks) == self.world:
+            _set_rng_state(ranks[self.rank])
+        else:
+            _set_rng_state(state["rng"])
+            if self.rank:  # a different process count than the checkpoint's: fresh per-rank noise
+                _seed_all(distributed.rank_seed(self.config.seed + state["step"], self.rank))
         self._data_rng.set_state(state["data_rng"])
         self.step = self._saved_step = state["step"]
         self.history = list(state["history"])
@@ -223,35 +252,72 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
         self._pending = list(state["pending_losses"])
         self.warnings = WarningCounter(state["convergence_warnings"])
+        self._synced_warnings = self.warnings.count
 
     def save(self, best: bool = False) -> None:
-        """Checkpoint the current step as ``last`` (and ``best``); a step is written once."""
+        """Checkpoint the current step as ``last`` (and ``best``); a step is written once. With
+        several processes every rank calls it; rank 0 writes, the others wait on a barrier."""
         if self._saved_step == self.step:
             return
-        refresh_spectral(self.model)
+        refresh_spectral(self.model)  # on every rank: it refines u, v, which later steps use
+        distributed.broadcast_buffers(self.model)
         latest = next((r["val_nll"] for r in reversed(self.history) if "val_nll" in r), None)
         info = {"val_nll": latest, "train_seconds": self.train_seconds}
         tags = ("last", "best") if best else ("last",)
-        save_checkpoint(self.out, self.step, self.model.state_dict(), self.state_dict(), tags, info)
-        write_json(self.out / HISTORY, self.history)
+        state = self.state_dict()
+        if self.rank == 0:
+            save_checkpoint(self.out, self.step, self.model.state_dict(), state, tags, info)
+            write_json(self.out / HISTORY, self.history)
+        distributed.barrier()
         self._saved_step = self.step
 
     # ------------------------------------------------------------------ training
 
     def _batch(self) -> Tensor:
+        """The next global batch (CPU). With several processes every rank draws the same one from
+        the shared data stream and trains on its own contiguous slice (:meth:`_shard`)."""
         n = self.config.batch_size
         if self._train_set is not None:
             x = self._train_set[torch.randint(self._train_set.shape[0], (n,), generator=self._data_rng)]
         else:
             x = toy2d.sample(self.config.data, n, generator=self._data_rng, dtype=torch_dtype(self.config.dtype))
+        return x
+
+    def _shard(self, x: Tensor) -> Tensor:
+        """This rank's slice of global batch ``x`` (all of it single-process)."""
+        if self.world > 1:
+            per_rank = x.shape[0] // self.world
+            x = x[self.rank * per_rank : (self.rank + 1) * per_rank]
         return x.to(self.device)
+
+    def _data_init(self, x: Tensor) -> None:
+        """Data-parallel only: run the data-dependent initialisations (ActNorm) still pending on
+        the whole global batch ``x``, as one process would in its first step, so every rank starts
+        from the same values (on its own shard each would initialise differently)."""
+        if not any(isinstance(b, Tensor) and not bool(b) for m in self.model.modules()
+                   for name, b in m.named_buffers(recurse=False) if name == "initialized"):
+            return
+        # with grad enabled, as in a training step: the no-grad path of a root solve differs in
+        # the last bits, and Adam's first steps on ActNorm's parameters (which sit at a stationary
+        # point of the loss after this init) amplify that to ~1e-8. exact_logdet: no RNG draws.
+        with torch.enable_grad(), exact_logdet():
+            self.model.log_prob(x.to(self.device))
 
     def _train_step(self) -> float:
         x = self._batch()
+        if self._ddp is not None:
+            self._data_init(x)
+        x = self._shard(x)
         self._monitor.reset()
-        loss = -self.model.log_prob(x).mean()
-        if not torch.isfinite(loss):
-            raise _NonFinite(f"the training loss is {loss.item()}")
+        if self._ddp is None:
+            loss = -self.model.log_prob(x).mean()
+            value = loss.item()
+        else:
+            # DDP averages the gradients of the per-rank means = the gradient of the global mean
+            loss = -self._ddp(x).mean()
+            value = distributed.all_reduce(loss.item(), self.device)  # every rank sees the same
+        if not math.isfinite(value):
+            raise _NonFinite(f"the training loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip or math.inf)
@@ -259,9 +325,11 @@ class Trainer:
             raise _NonFinite(f"the gradient norm is {norm.item()}")
         self.optimizer.step()
         self.scheduler.step()
+        # the weights are equal on every rank, so are the u, v refined from them; make it certain
+        distributed.broadcast_buffers(self.model)
         self.step += 1
         self._last_solves = summarize_solves(self._monitor.collect())
-        return loss.item()
+        return value
 
     def evaluate(self) -> dict[str, Any]:
         """Validation NLL (exact log-det, nats) and solver statistics on the held-out set."""
@@ -275,13 +343,22 @@ class Trainer:
             "seconds": self.train_seconds,  # in training steps; evaluations and checkpoints excluded
         }
         if self._last_solves["solves"]:
-            record["solver_iterations"] = self._last_solves["mean_iterations"]
+            iterations = self._last_solves["mean_iterations"]
+            record["solver_iterations"] = (
+                iterations if self.world == 1 else distributed.all_reduce(iterations, self.device)
+            )
+        if self.world > 1:  # the training steps' convergence warnings of all ranks
+            new = distributed.all_reduce(self.warnings.count - self._synced_warnings, self.device, "sum")
+            self.warnings.count = self._synced_warnings + int(new)
         is_best = False
         if evaluate_now and self.step % self.config.eval_every == 0:
             # the Lipschitz check: exact top singular pairs replace the power-iteration
             # estimates (on the eval schedule only, so a resumed run syncs at the same steps)
             record["spectral_lag"] = sync_spectral(self.model)
+            distributed.broadcast_buffers(self.model)
         if evaluate_now:
+            # every rank evaluates the whole validation set (the same deterministic computation,
+            # which refines the spectral vectors the same way on each), so all keep equal state
             result = self.evaluate()
             record |= {"val_nll": result["nll"], "val_se": result["nll_se"]}
             self.warnings.count += result["solver"]["convergence_warnings"]
@@ -290,6 +367,7 @@ class Trainer:
                 self.best = {"step": self.step, "val_nll": result["nll"]}
             if self._volume is not None:
                 record["volume"] = self._volume()
+        self._synced_warnings = self.warnings.count
         self.history.append(record)
         self._pending = []
         if evaluate_now:
@@ -319,7 +397,7 @@ class Trainer:
         try:
             with _StopOnSigint() as sigint:
                 while self.step < until:
-                    if sigint.requested:
+                    if self._stop_requested(sigint.requested):
                         self.save()
                         return self._result("interrupted", f"interrupted at step {self.step}; checkpoint saved in "
                                             f"{self.out} (continue with: impflow train --out {self.out} --resume)")
@@ -347,6 +425,12 @@ class Trainer:
         self.save()
         best = f"; best val NLL {self.best['val_nll']:.4f} nats at step {self.best['step']}" if self.best else ""
         return self._result("done", f"trained {self.out} to step {self.step} in {self.train_seconds:.0f} s{best}")
+
+    def _stop_requested(self, requested: bool) -> bool:
+        """Whether any rank got Ctrl-C (so that all stop at the same step)."""
+        if self.world == 1:
+            return requested
+        return distributed.all_reduce(float(requested), self.device, "max") > 0
 
     def _result(self, status: str, message: str) -> FitResult:
         if self.warnings.count:
