@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="print test NLL, baselines and solver statistics of a run as JSON")
     _add_runtime_options(ev)
-    ev.add_argument("-n", "--n-test", type=int, default=20000, help="fresh held-out test points (default: 20000)")
+    ev.add_argument("-n", "--n-test", type=int, default=20000, help="fresh held-out test points for generated (toy) data (default: 20000); file and UCI data use their whole test split")
     ev.set_defaults(handler=_eval)
 
     sample = sub.add_parser("sample", help="draw samples from a trained run into a .npy file")

@@ -22,12 +22,11 @@ from ..checkpoint import HISTORY, CheckpointError, has_checkpoint, load_trainer_
 from ..checkpoint import save_checkpoint, write_json
 from .. import distributed
 from ..config import RESUMABLE, ConfigError, RunConfig, model_kwargs
-from ..data import toy2d
 from ..logdet import exact_logdet
 from .monitor import Progress, ProgressMode, SolverMonitor, VolumeMonitor, WarningCounter, summarize_solves
 from ..nn.lipschitz import sync_spectral
 from .runs import build_model, dataset, evaluate, load_model_state, read_run, refresh_spectral, resolve_device
-from .runs import stream_seed, torch_dtype, write_config
+from .runs import draw_batch, stream_seed, train_pool, write_config
 
 __all__ = ["Trainer", "FitResult", "lr_factor"]
 
@@ -105,7 +104,9 @@ def _seed_all(seed: int) -> None:
 
 
 class Trainer:
-    """Maximum-likelihood training of a :class:`~impflow.Flow` on a toy 2-D dataset.
+    """Maximum-likelihood training of a :class:`~impflow.Flow` on a toy 2-D dataset, a tabular set
+    (UCI or a ``.npy``/``.csv`` file) or flattened, dequantized digits (see
+    :mod:`impflow.train.runs`).
 
     ``Trainer(config, out)`` starts a new run in directory ``out`` (which must not hold one),
     seeding torch, numpy and ``random`` with ``config.seed``; ``Trainer.resume(out)`` continues
@@ -200,7 +201,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.schedule)
         )
         self._data_rng = torch.Generator().manual_seed(stream_seed(config.seed, "train"))
-        self._train_set = dataset(config, "train", config.train_size) if config.train_size else None
+        self._train_set = train_pool(config)  # None: fresh toy samples every step
         self._val = dataset(config, "val", config.eval_size).to(self.device)
         self._monitor = SolverMonitor(self.model)
         self._volume = VolumeMonitor(self.model, self._val[:volume_points]) if volume_points > 0 else None
@@ -276,12 +277,7 @@ class Trainer:
     def _batch(self) -> Tensor:
         """The next global batch (CPU). With several processes every rank draws the same one from
         the shared data stream and trains on its own contiguous slice (:meth:`_shard`)."""
-        n = self.config.batch_size
-        if self._train_set is not None:
-            x = self._train_set[torch.randint(self._train_set.shape[0], (n,), generator=self._data_rng)]
-        else:
-            x = toy2d.sample(self.config.data, n, generator=self._data_rng, dtype=torch_dtype(self.config.dtype))
-        return x
+        return draw_batch(self.config, self._train_set, self.config.batch_size, self._data_rng)
 
     def _shard(self, x: Tensor) -> Tensor:
         """This rank's slice of global batch ``x`` (all of it single-process)."""

@@ -1,0 +1,142 @@
+"""Training and evaluating on vector data: .npy files, a UCI set (POWER format), digits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from impflow import cli
+from impflow.cli import main
+from impflow.config import PRESETS, ConfigError, RunConfig, resolve
+from impflow.train import Trainer
+
+TINY = ["--batch-size", "64", "--eval-every", "5", "--log-every", "5", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """Only the training curve is drawn for non-2-D data; skip it here (matplotlib is slow)."""
+    monkeypatch.setattr(cli, "plot_run", lambda *args, **kwargs: {})
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def array_file(tmp_path):
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(5, 5))
+    path = tmp_path / "corr.npy"
+    np.save(path, rng.normal(size=(300, 5)) @ mixing + 3.0)
+    return path
+
+
+def eval_report(capsys, run_dir) -> dict:
+    code, out, err = run(capsys, "eval", run_dir, "--device", "cpu")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize(
+    "model_args", [["--model", "impflow", "--blocks", "1", "--hidden", "8"], ["--model", "realnvp", "--blocks", "2"]]
+)
+def test_array_file_train_then_eval(tmp_path, capsys, array_file, model_args):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--out", run_dir, "--data", array_file, "--steps", "10", *model_args, *TINY)
+    assert code == 0, err
+    assert json.loads((run_dir / "config.json").read_text())["dim"] == 5
+    report = eval_report(capsys, run_dir)
+    assert report["dim"] == 5 and report["n_test"] == 30  # the whole test split: int(0.1 * 300)
+    assert report["entropy"] is None and math.isfinite(report["test_nll"])
+    assert math.isfinite(report["gaussian_nll"]) and math.isfinite(report["gap_to_gaussian"])
+
+
+def test_digits_bits_per_dim(tmp_path, capsys):
+    run_dir = tmp_path / "digits"
+    code, out, err = run(capsys, "train", "--out", run_dir, "--data", "digits", "--model", "realnvp",
+                         "--steps", "10", "--eval-size", "200", *TINY)
+    assert code == 0, err
+    report = eval_report(capsys, run_dir)
+    assert report["dim"] == 64
+    assert report["dequantization_nats"] == pytest.approx(64 * math.log(17))
+    bpd = report["bits_per_dim"]
+    assert math.isfinite(bpd) and bpd == pytest.approx((report["test_nll"] + 64 * math.log(17)) / (64 * math.log(2)))
+    assert math.isfinite(report["gaussian_bits_per_dim"])
+
+
+def test_digits_batches_are_dequantized_afresh(tmp_path):
+    trainer = Trainer(RunConfig(data="digits", model="linear", batch_size=16, device="cpu", quiet=True), tmp_path)
+    a, b = trainer._batch(), trainer._batch()
+    assert a.shape == (16, 64) and 0 <= a.min() and a.max() < 1
+    assert not torch.equal(a, b)
+    levels = (a * 17).floor()  # (x + u)/17 -> x
+    assert torch.equal(levels, levels.round()) and levels.max() <= 16
+
+
+def test_power_format_file_with_data_root(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "power").mkdir()
+    np.save(tmp_path / "power" / "data.npy", rng.normal(size=(200, 8)) * np.arange(1, 9) + 10)
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--out", run_dir, "--data", "power", "--data-root", tmp_path,
+                         "--blocks", "1", "--hidden", "8", "--steps", "10", *TINY)
+    assert code == 0, err
+    report = eval_report(capsys, run_dir)
+    assert report["dim"] == 6 and report["n_test"] == 20 and report["data_root"] == str(tmp_path)
+    assert math.isfinite(report["test_nll"])
+
+
+@pytest.mark.parametrize("data", ["power", "missing.npy"])
+def test_missing_data_file_is_one_line_exit_2(tmp_path, capsys, data):
+    argv = ["train", "--out", tmp_path / "run", "--data", data, *TINY]
+    if data == "power":
+        argv += ["--data-root", tmp_path / "nowhere"]
+    code, out, err = run(capsys, *argv)
+    expected = tmp_path / "nowhere" / "power" / "data.npy" if data == "power" else "missing.npy"
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(expected) in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="needs --data-root"):
+        RunConfig(data="gas")
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'.*npy"):
+        RunConfig(data="nope")
+    with pytest.raises(ConfigError, match="tabular-smoke needs --data"):
+        resolve("tabular-smoke")
+    for name, ll in (("power", "0.30"), ("gas", "6.94"), ("hepmass", "-18.52"), ("miniboone", "-21.50"),
+                     ("bsds300", "113.72")):
+        text, settings = PRESETS[name]
+        assert settings["data"] == name and settings["model"] == "impflow" and ll in text
+
+
+def test_tabular_smoke_preset(tmp_path, capsys, array_file):
+    code, out, err = run(capsys, "train", "--out", tmp_path / "run", "--preset", "tabular-smoke",
+                         "--data", array_file, "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert eval_report(capsys, tmp_path / "run")["dim"] == 5
+
+
+def test_array_run_resumes_exactly(tmp_path, array_file):
+    config = RunConfig(data=str(array_file), blocks=1, hidden=(8,), batch_size=32, steps=14, eval_every=5,
+                       log_every=3, device="cpu", quiet=True)
+    straight = Trainer(config, tmp_path / "straight")
+    assert straight.fit().status == "done"
+    first = Trainer(config, tmp_path / "split")
+    assert first.fit(until=7).status == "done"
+    del first
+    torch.manual_seed(1234)
+    resumed = Trainer.resume(tmp_path / "split")
+    assert resumed.fit().status == "done"
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in straight.history if r["step"] > 9] == [r["loss"] for r in resumed.history if r["step"] > 9]
