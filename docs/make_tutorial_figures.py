@@ -4,7 +4,7 @@
    docs/piecewise_linear.png (with docs/make_piecewise_figure.py) and checks that the density
    integrates to 1 and that the inverse is exact.
 2. Linear vs elementwise vs their alternation on a correlated, non-Gaussian 2-D dataset (the
-   rotated banana of tests/test_classic_models.py): trains the three flows, writes
+   rotated banana, impflow.data.toy2d.banana): trains the three flows, writes
    docs/linear_vs_elementwise.png (data and the three learned densities, held-out NLLs in the
    title), and writes every number into docs/tutorial.md between its
    ``<!-- BEGIN generated: NAME -->`` / ``<!-- END generated: NAME -->`` markers.
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from impflow.data.toy2d import banana  # noqa: E402
 from impflow import Compose, Flow  # noqa: E402
 from impflow.models.classic import linear  # noqa: E402
 from impflow.theory import gaussian_nll  # noqa: E402
@@ -85,14 +85,6 @@ def piecewise_demo() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- 2. linear vs elementwise
 
-
-def banana(n: int, seed: int) -> torch.Tensor:
-    """Correlated, non-Gaussian 2-D data: x₂ = ½x₁² + 0.8x₁ − 0.5 + 0.25ε, rotated by 30°."""
-    g = torch.Generator().manual_seed(seed)
-    x1 = torch.randn(n, generator=g)
-    x2 = 0.5 * x1**2 + 0.8 * x1 - 0.5 + 0.25 * torch.randn(n, generator=g)
-    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
-    return torch.stack([x1, x2], 1) @ torch.tensor([[c, -s], [s, c]])
 
 
 def spline() -> RationalQuadraticSpline:

@@ -1,9 +1,9 @@
-import math
 
 import pytest
 import torch
 from test_coupling import check_bijection, perturb
 
+from impflow.data.toy2d import banana
 from impflow import Compose, Flow
 from impflow.models.classic import dlf, glow, linear, maf, nsf, realnvp
 from impflow.transforms.elementwise import RationalQuadraticSpline
@@ -27,14 +27,6 @@ IMAGE_BUILDERS = {
     "dlf": lambda s: dlf(shape=s, steps=2, levels=2, hidden=8, partitions=3),
 }
 
-
-def banana(n: int, seed: int) -> torch.Tensor:
-    """Correlated, non-Gaussian 2-D data: x₂ = ½x₁² + 0.8x₁ + noise, rotated by 30°."""
-    g = torch.Generator().manual_seed(seed)
-    x1 = torch.randn(n, generator=g)
-    x2 = 0.5 * x1**2 + 0.8 * x1 - 0.5 + 0.25 * torch.randn(n, generator=g)
-    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
-    return torch.stack([x1, x2], 1) @ torch.tensor([[c, -s], [s, c]])
 
 
 def nll(flow: Flow, x: torch.Tensor) -> float:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["NAMES", "EXACT_DENSITY", "CURVE_NOISE", "sample", "log_prob", "entropy"]
+__all__ = ["NAMES", "EXACT_DENSITY", "CURVE_NOISE", "sample", "log_prob", "entropy", "banana"]
 
 CURVE_NOISE = 0.1
 """Standard deviation of the Gaussian noise added across the curve in ``line`` and ``cos``."""
@@ -286,3 +286,13 @@ def entropy(name: str) -> float | None:
     """
     _check_name(name)
     return _ENTROPY.get(name)
+
+
+def banana(n: int, seed: int) -> Tensor:
+    """The tutorial chapter's correlated, non-Gaussian 2-D data (not one of :data:`NAMES`):
+    x₂ = ½x₁² + 0.8x₁ − 0.5 + 0.25ε with x₁, ε ~ N(0, 1), rotated by 30°. Shape (n, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(n, generator=g)
+    x2 = 0.5 * x1**2 + 0.8 * x1 - 0.5 + 0.25 * torch.randn(n, generator=g)
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    return torch.stack([x1, x2], 1) @ torch.tensor([[c, -s], [s, c]])
