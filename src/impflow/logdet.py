@@ -118,30 +118,25 @@ def _vjp(gx: Tensor, x: Tensor, w: Tensor, create_graph: bool) -> Tensor:
     return torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph)[0]
 
 
-def _series(gx: Tensor, x: Tensor, config: LogDetConfig, create_graph: bool) -> Tensor:
-    """Russian-roulette Hutchinson estimate of Σ_k (−1)^{k+1} tr(J^k)/k, differentiable if asked."""
+def _series(gx: Tensor, x: Tensor, config: LogDetConfig, create_graph: bool, neumann: bool = False) -> Tensor:
+    """Russian-roulette Hutchinson estimate of Σ_k (−1)^{k+1} tr(J^k)/k.
+
+    ``create_graph``: the estimate is differentiable through the series. ``neumann``: the series
+    runs without a graph and the gradient comes from the Neumann series of tr((I+J)⁻¹ ∂J),
+    accumulated over the same probes and roulette weights (accᵀ J v, one graph-carrying vjp).
+    """
     n_terms = config.draw_terms()
     v = torch.randn_like(x)
     w = v
     est = x.new_zeros(x.shape[0])
+    acc = torch.zeros_like(v) if neumann else None
     for k in range(1, n_terms + 1):
-        w = _vjp(gx, x, w, create_graph)
-        coef = (-1) ** (k + 1) / (k * config.survival(k))
-        est = est + coef * (w * v).flatten(1).sum(1)
-    return est
-
-
-def _neumann(gx: Tensor, x: Tensor, config: LogDetConfig) -> Tensor:
-    """Series value without a graph; gradient from the Neumann series of tr((I+J)^{-1} ∂J)."""
-    n_terms = config.draw_terms()
-    v = torch.randn_like(x)
-    w = v
-    est = x.new_zeros(x.shape[0])
-    acc = torch.zeros_like(v)
-    for k in range(1, n_terms + 1):
-        acc = acc + ((-1) ** (k - 1) / config.survival(k)) * w  # term k−1 of the gradient series
-        w = _vjp(gx, x, w, False)
+        if acc is not None:
+            acc = acc + ((-1) ** (k - 1) / config.survival(k)) * w  # term k−1 of the gradient series
+        w = _vjp(gx, x, w, create_graph and not neumann)
         est = est + ((-1) ** (k + 1) / (k * config.survival(k))) * (w * v).flatten(1).sum(1)
+    if acc is None:
+        return est
     surrogate = (_vjp(gx, x, acc.detach(), True) * v).flatten(1).sum(1)  # accᵀ J v
     return est.detach() + surrogate - surrogate.detach()
 
@@ -173,7 +168,7 @@ def residual_logdet(
         elif mode == "unbiased":
             ld = _series(gx, xg, config, create_graph=track)
         else:
-            ld = _neumann(gx, xg, config) if track else _series(gx, xg, config, create_graph=False)
+            ld = _series(gx, xg, config, create_graph=track, neumann=track)
     if not track:
         return gx.detach(), ld.detach(), None if J is None else J.detach()
     return gx, ld, J
