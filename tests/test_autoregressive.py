@@ -1,6 +1,6 @@
 import pytest
 import torch
-from test_coupling import check_bijection, check_gradients, perturb
+from contract import check_bijection, check_gradients, perturb
 
 from impflow.nn.made import MADE
 from impflow.transforms.autoregressive import InverseAutoregressive, MaskedAutoregressive

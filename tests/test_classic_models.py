@@ -1,7 +1,7 @@
 
 import pytest
 import torch
-from test_coupling import check_bijection, perturb
+from contract import check_bijection, perturb
 
 from impflow.data.toy2d import banana
 from impflow import Compose, Flow
@@ -18,6 +18,8 @@ VECTOR_BUILDERS = {
     "nsf": lambda d: nsf(d, steps=2, hidden=16, bins=4),
     "nsf_autoregressive": lambda d: nsf(d, steps=2, hidden=16, bins=4, autoregressive=True),
     "dlf": lambda d: dlf(d, steps=3, hidden=16),
+    "glow_rotation_scale_then_shift": lambda d: glow(d, steps=3, hidden=16, mixing="rotation", shift_first=False),
+    "dlf_rotation_scale_then_shift": lambda d: dlf(d, steps=3, hidden=16, mixing="rotation", shift_first=False),
     "linear": lambda d: linear(d),
 }
 IMAGE_BUILDERS = {
@@ -159,7 +161,57 @@ def test_realnvp_matches_the_standard_parameter_count():
     assert sum(p.numel() for p in realnvp(d, steps=steps, hidden=h).parameters()) == expected
 
 
+def test_realnvp_identity_init_default_vectors_off_images_on():
+    from impflow.transforms.coupling import Coupling
+
+    def starts_at_identity(flow, x):
+        return all(torch.equal(c(x)[0], x) for c in _modules(flow, Coupling))
+
+    x = torch.randn(3, 4)
+    assert not starts_at_identity(realnvp(4, steps=2, hidden=8), x)
+    assert starts_at_identity(realnvp(4, steps=2, hidden=8, identity_init=True), x)
+    image = torch.randn(3, 8, 2, 2)  # the squeezed shape seen by the couplings of (2, 4, 4)
+    assert starts_at_identity(realnvp(shape=(2, 4, 4), steps=2, levels=1, hidden=8), image)
+    assert not starts_at_identity(realnvp(shape=(2, 4, 4), steps=2, levels=1, hidden=8, identity_init=False), image)
+
+
 def test_realnvp_actnorm_default_vectors_off_images_on():
     assert not _modules(realnvp(4, steps=2, hidden=8), ActNorm)
     assert _modules(realnvp(shape=(2, 4, 4), steps=2, levels=1, hidden=8), ActNorm)
     assert not _modules(realnvp(shape=(2, 4, 4), steps=2, levels=1, hidden=8, actnorm=False), ActNorm)
+
+
+@pytest.mark.parametrize("make", [glow, dlf])
+def test_glow_dlf_mixing_initialisation(make):
+    """Vector glow/dlf: LULinear at the identity (even steps) and the reversal (odd steps) by
+    default; a random rotation with mixing="rotation"; the identity with "identity"."""
+    d = 5
+    x = torch.randn(4, d)
+    lus = _modules(make(d, steps=4, hidden=8), LULinear)
+    assert len(lus) == 4
+    for k, lu in enumerate(lus):
+        z, ladj = lu(x)
+        assert torch.allclose(z, x if k % 2 == 0 else x.flip(1)) and torch.allclose(ladj, torch.zeros(4))
+    for lu in _modules(make(d, steps=2, hidden=8, mixing="identity"), LULinear):
+        assert torch.allclose(lu(x)[0], x)
+    rotation = _modules(make(d, steps=2, hidden=8, mixing="rotation"), LULinear)[0]
+    W = rotation(torch.eye(d))[0].T  # columns W e_j
+    assert torch.allclose(W @ W.T, torch.eye(d), atol=1e-5)  # orthogonal ...
+    assert (W.abs() < 0.999).all()  # ... and not a permutation (with probability 1)
+    with pytest.raises(ValueError, match="mixing"):
+        make(d, mixing="random")
+
+
+def test_affine_forms_of_the_builders():
+    """realnvp, maf and nsf-free builders: scale-then-shift by default for realnvp; glow and
+    dlf keep their papers' shift-first form unless asked."""
+    from impflow.transforms.coupling import AffineTransformer
+
+    def forms(flow):
+        return {m.shift_first for m in flow.modules() if isinstance(m, AffineTransformer)}
+
+    assert forms(realnvp(4, steps=2, hidden=8)) == {False}
+    assert forms(maf(4, steps=2, hidden=8)) == {False}
+    assert forms(glow(4, steps=2, hidden=8)) == forms(dlf(4, steps=2, hidden=8)) == {True}
+    assert forms(glow(4, steps=2, hidden=8, shift_first=False)) == {False}
+    assert forms(dlf(shape=(2, 4, 4), steps=1, levels=1, hidden=8, shift_first=False)) == {False}

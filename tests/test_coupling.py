@@ -1,12 +1,9 @@
-"""Coupling layers, masks and elementwise transformers.
-
-Also holds the bijection checks shared with the other test files of the classic family
-(``from test_coupling import check_bijection, check_gradients, perturb``).
-"""
+"""Coupling layers, masks and elementwise transformers (bijection checks: tests/contract.py)."""
 
 import pytest
 import torch
 from conftest import jacobian_logdet
+from contract import check_bijection, check_gradients, perturb
 
 from impflow.nn.conditioners import MLP
 from impflow.transforms.coupling import (
@@ -19,41 +16,6 @@ from impflow.transforms.coupling import (
 )
 
 IMAGE = (4, 4, 4)  # (C, H, W)
-
-
-def perturb(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
-    """Add noise to every parameter, so zero-initialised last layers make no trivial identity."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn_like(p))
-    return module
-
-
-def check_bijection(t, x, tol: float = 1e-9, brute_force: bool = True, **kwargs) -> None:
-    """Round trip, inverse_and_log_det consistency and (float64) ladj against the brute-force
-    Jacobian; ``kwargs`` (batched tensors, e.g. ``context=``) go to every call."""
-    z, ladj = t(x, **kwargs)
-    assert z.shape == x.shape and z.dtype == x.dtype
-    assert ladj.shape == (x.shape[0],)
-    assert (z - x).abs().max() > 1e-3, "the transform is (nearly) the identity: test is trivial"
-    assert (t.inverse(z, **kwargs) - x).abs().max() < tol
-    x_back, ladj_inv = t.inverse_and_log_det(z, **kwargs)
-    assert (x_back - x).abs().max() < tol
-    assert (ladj_inv + ladj).abs().max() < tol * 10
-    if brute_force:
-        rows = [{k: c[i : i + 1] for k, c in kwargs.items()} for i in range(x.shape[0])]
-        expected = torch.cat(
-            [jacobian_logdet(lambda v: t(v, **row)[0], x[i : i + 1]) for i, row in enumerate(rows)]
-        )
-        assert (ladj - expected).abs().max() < tol
-
-
-def check_gradients(t, x, **kwargs) -> None:
-    """The loss ½‖z‖² − ladj reaches every parameter of t with a nonzero gradient."""
-    z, ladj = t(x, **kwargs)
-    (0.5 * z.pow(2).sum() - ladj.sum()).backward()
-    for name, p in t.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
 TRANSFORMERS = ["affine", "additive", "spline"]
@@ -145,6 +107,18 @@ def test_zero_init_is_identity():
         assert torch.equal(z, x) and torch.equal(ladj, torch.zeros(x.shape[0]))
 
 
+@pytest.mark.parametrize("image", [False, True])
+def test_random_init_is_not_identity(image):
+    """identity_init=False: the last conditioner layer starts random (no perturbation needed)."""
+    mask, x = (channel_mask(IMAGE), torch.randn(2, *IMAGE, dtype=torch.float64)) if image else (
+        half_mask(5), torch.randn(4, 5, dtype=torch.float64))
+    t = Coupling(mask, hidden=8, identity_init=False).double()
+    last = t.conditioner.net[-1]
+    assert last.weight.abs().min() > 0 and last.bias.abs().min() > 0
+    check_bijection(t, x)
+    check_gradients(t, x)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_affine_coupling_expands_and_contracts(sign):
     """One layer reaches scales far from 1 both ways: |dz_b/dx_b| > 2 (expansion) or < 1/2."""
@@ -156,6 +130,23 @@ def test_affine_coupling_expands_and_contracts(sign):
     scale = z[:, transformed] / x[:, transformed]  # shift is 0: z_b = s · x_b
     assert (scale > 2).all() if sign > 0 else (scale < 0.5).all()
     assert torch.allclose(ladj, jacobian_logdet(lambda v: t(v)[0], x))
+
+
+@pytest.mark.parametrize("shift_first", [False, True])
+def test_affine_forms(shift_first):
+    """Default y = x·e^s + μ (RealNVP's); shift_first y = (x + μ)·e^s; both exact bijections."""
+    a = AffineTransformer(scale_bound=3.0, shift_first=shift_first)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = torch.randn(6, 3, 2, dtype=torch.float64)
+    mu, s = params[..., 0], 3.0 * torch.tanh(params[..., 1] / 3.0)
+    y, log_scale = a(x, params)
+    expected = (x + mu) * s.exp() if shift_first else x * s.exp() + mu
+    assert torch.allclose(y, expected) and torch.allclose(log_scale, s)
+    x_back, log_scale_inv = a.inverse(y, params)
+    assert torch.allclose(x_back, x) and torch.allclose(log_scale_inv, -s)
+    t = perturb(vector_coupling("affine", shift_first=shift_first)).double()
+    assert t.transformer.shift_first == shift_first
+    check_bijection(t, torch.randn(4, 5, dtype=torch.float64))
 
 
 def test_affine_scale_bound_is_smooth():

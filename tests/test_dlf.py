@@ -1,6 +1,6 @@
 import pytest
 import torch
-from test_coupling import check_bijection, check_gradients, perturb
+from contract import check_bijection, check_gradients, perturb
 
 from impflow.transforms.dlf import DynamicLinear
 
@@ -14,8 +14,10 @@ def dlt(*args, **kwargs):
 
 @pytest.mark.parametrize("partitions", [2, 3, D])
 @pytest.mark.parametrize("inverse_variant", [False, True])
-def test_vector(partitions, inverse_variant):
-    t = dlt(D, partitions, inverse_variant=inverse_variant)
+@pytest.mark.parametrize("shift_first", [True, False])
+def test_vector(partitions, inverse_variant, shift_first):
+    t = dlt(D, partitions, inverse_variant=inverse_variant, shift_first=shift_first)
+    assert t.transformer.shift_first == shift_first
     assert sum(t.sizes) == D and max(t.sizes) - min(t.sizes) <= 1
     x = 1.5 * torch.randn(5, D, dtype=torch.float64)
     check_bijection(t, x)

@@ -1,6 +1,8 @@
+"""Linear flows: the shared transform contract (tests/contract.py) and layer specifics."""
+
 import pytest
 import torch
-from conftest import jacobian_logdet
+from contract import LayerContract
 
 from impflow.transforms.linear import (
     Diagonal,
@@ -13,7 +15,6 @@ from impflow.transforms.linear import (
 )
 
 D = 5
-SEEDS = [0, 1, 2]
 
 VECTOR_LAYERS = {
     "diagonal": lambda: Diagonal(D),
@@ -51,69 +52,18 @@ def inputs(name, dtype=torch.float64, batch=4):
     return torch.randn(shape, dtype=dtype)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", ALL_LAYERS)
-def test_round_trip_float64(name, seed):
-    layer = make(name, seed)
-    x = inputs(name)
-    z, _ = layer(x)
-    assert not torch.allclose(z, x)
-    assert (layer.inverse(z) - x).abs().max() < 1e-10
-    assert (layer(layer.inverse(x))[0] - x).abs().max() < 1e-10
+class TestLinearContract(LayerContract):
+    """Round trip, log-dets of both directions vs autograd Jacobians, gradients, float32."""
 
+    @pytest.fixture(params=list(ALL_LAYERS))
+    def name(self, request):
+        return request.param
 
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", ALL_LAYERS)
-def test_logdet_matches_brute_force_jacobian(name, seed):
-    layer = make(name, seed)
-    x = inputs(name, batch=3)
-    _, ladj = layer(x)
-    assert ladj.shape == (3,)
-    assert (ladj - jacobian_logdet(layer, x)).abs().max() < 1e-9
+    def make(self, name, seed):
+        return make(name, seed)
 
-
-@pytest.mark.parametrize("name", ALL_LAYERS)
-def test_inverse_logdet_is_minus_forward(name):
-    layer = make(name, 0)
-    z = inputs(name)
-    x, ladj_inv = layer.inverse_and_log_det(z)
-    assert (x - layer.inverse(z)).abs().max() < 1e-12
-    assert (ladj_inv + layer(x)[1]).abs().max() < 1e-10
-
-
-@pytest.mark.parametrize("name", ALL_LAYERS)
-def test_gradients_reach_every_parameter(name):
-    layer = make(name, 0)
-    z, ladj = layer(inputs(name).requires_grad_())
-    (-0.5 * z.pow(2).flatten(1).sum(1) + ladj).sum().backward()
-    for pname, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, pname
-
-
-@pytest.mark.parametrize("name", [n for n, new in ALL_LAYERS.items() if list(new().parameters())])
-def test_parameter_gradients_match_finite_differences(name):
-    layer = make(name, 0)
-    x = inputs(name, batch=2)
-    names = [n for n, _ in layer.named_parameters()]
-
-    def outputs(*params):  # one tensor: gradcheck skips outputs that do not require grad
-        z, ladj = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
-        return torch.cat([z.flatten(), ladj])
-
-    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
-    assert torch.autograd.gradcheck(outputs, params)
-
-
-@pytest.mark.parametrize("name", ALL_LAYERS)
-def test_float32(name):
-    layer64 = make(name, 0)
-    layer = make(name, 0).float()
-    x = inputs(name, torch.float32)
-    z, ladj = layer(x)
-    assert z.dtype == ladj.dtype == torch.float32
-    assert (layer.inverse(z) - x).abs().max() < 1e-4
-    z64, ladj64 = layer64(x.double())
-    assert (z - z64).abs().max() < 1e-4 and (ladj - ladj64).abs().max() < 1e-4
+    def inputs(self, name, dtype=torch.float64, batch=4, latent=False):
+        return inputs(name, dtype, batch)
 
 
 @pytest.mark.parametrize("name", ALL_LAYERS)

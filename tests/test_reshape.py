@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from test_coupling import check_bijection, check_gradients, perturb
+from contract import check_bijection, check_gradients, perturb
 
 from impflow import Compose, Flow
 from impflow.transforms.coupling import Coupling, channel_mask

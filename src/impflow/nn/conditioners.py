@@ -1,8 +1,10 @@
 """Conditioner networks: the small nets that output the parameters of coupling, autoregressive,
 Dynamic Linear and Split layers.
 
-Every net here has its last layer initialised to zero, so a freshly built layer starts as the
-identity (or as the standard-normal factor for :class:`~impflow.transforms.reshape.Split`).
+Every net here has its last layer initialised to zero by default (``zero_init=True``), so a
+freshly built layer starts as the identity (or as the standard-normal factor for
+:class:`~impflow.transforms.reshape.Split`); ``zero_init=False`` keeps PyTorch's default
+(random) initialisation of that layer too.
 An optional ``context`` vector (e.g. a one-hot class) is concatenated to the input: as extra
 features for :class:`MLP`, broadcast over space as extra channels for :class:`ConvNet`.
 """
@@ -24,7 +26,8 @@ def _zero_(layer: nn.Module) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """h = W_L σ(… σ(W_1 [x, context] + b_1) …) + b_L with W_L, b_L = 0 at initialisation.
+    """h = W_L σ(… σ(W_1 [x, context] + b_1) …) + b_L with W_L, b_L = 0 at initialisation
+    (``zero_init``; else PyTorch's default for every layer).
 
     Shapes: x (B, in_features), context (B, context_features) -> (B, out_features).
     """
@@ -36,6 +39,7 @@ class MLP(nn.Module):
         hidden: int | Sequence[int] = (64, 64),
         context_features: int = 0,
         activation: type[nn.Module] = nn.ReLU,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
         hidden = [hidden] if isinstance(hidden, int) else list(hidden)
@@ -43,7 +47,8 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), activation()]
-        layers.append(_zero_(nn.Linear(sizes[-1], out_features)))
+        last = nn.Linear(sizes[-1], out_features)
+        layers.append(_zero_(last) if zero_init else last)
         self.net = nn.Sequential(*layers)
         self.context_features = context_features
 
@@ -56,7 +61,8 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """The Glow / RealNVP conditioner: conv3×3 → σ → conv1×1 → σ → conv3×3 (zero-initialised).
+    """The Glow / RealNVP conditioner: conv3×3 → σ → conv1×1 → σ → conv3×3 (zero-initialised
+    unless ``zero_init=False``).
 
     Shapes: x (B, in_channels, H, W), context (B, context_features) -> (B, out_channels, H, W).
     """
@@ -68,14 +74,16 @@ class ConvNet(nn.Module):
         hidden: int = 64,
         context_features: int = 0,
         activation: type[nn.Module] = nn.ReLU,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
+        last = nn.Conv2d(hidden, out_channels, 3, padding=1)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels + context_features, hidden, 3, padding=1),
             activation(),
             nn.Conv2d(hidden, hidden, 1),
             activation(),
-            _zero_(nn.Conv2d(hidden, out_channels, 3, padding=1)),
+            _zero_(last) if zero_init else last,
         )
         self.context_features = context_features
 
@@ -95,12 +103,14 @@ def conditioner(
     image: bool,
     hidden: int = 64,
     context_features: int = 0,
+    zero_init: bool = True,
 ) -> nn.Module:
     """The default conditioner: an :class:`MLP` with two hidden layers of width ``hidden`` for
-    vectors, a :class:`ConvNet` of width ``hidden`` for images (features are then channels)."""
+    vectors, a :class:`ConvNet` of width ``hidden`` for images (features are then channels);
+    ``zero_init``: the last layer starts at zero."""
     if image:
-        return ConvNet(in_features, out_features, hidden, context_features)
-    return MLP(in_features, out_features, (hidden, hidden), context_features)
+        return ConvNet(in_features, out_features, hidden, context_features, zero_init=zero_init)
+    return MLP(in_features, out_features, (hidden, hidden), context_features, zero_init=zero_init)
 
 
 def unflatten_params(h: Tensor, num_params: int) -> Tensor:

@@ -70,31 +70,46 @@ class ElementwiseTransformer(nn.Module):
 
 
 class AffineTransformer(ElementwiseTransformer):
-    """y = (x + μ) · exp(s) with s = bound · tanh(ŝ / bound), θ = (μ, ŝ).
+    """y = x · exp(s) + μ (default) or y = (x + μ) · exp(s) (``shift_first``), θ = (μ, ŝ), with
+    the log-scale s = bound · tanh(ŝ / bound).
 
     The log-scale is bounded *smoothly* in (−bound, bound), so one layer can expand space by up
     to e^bound as well as contract it (a scale capped at 1 could only contract).
+
+    The two forms reach the same maps (μ ↔ μ·e^s) but train differently. The default, scale
+    then shift, is RealNVP's (Dinh et al. 2017) and zuko's; the shift-first form is Glow's
+    and DLF's, and the Gaussian reading of :class:`~impflow.transforms.reshape.Split`. With
+    the shift first, ∂y/∂μ = e^s: once a layer contracts (s < 0) its shift learns e^s times
+    more slowly. Measured (``python benchmarks/family.py --ablation-only``: 8 affine
+    couplings with zero-initialised conditioners, 500 steps, the same batches, 3 seeds): the
+    shift-first form trailed zuko's RealNVP by +0.13 / +0.15 / +0.06 nats on moons /
+    8gaussians / checkerboard, scale-then-shift by +0.01 / +0.07 / +0.05.
     """
 
     num_params = 2
 
-    def __init__(self, scale_bound: float = 3.0) -> None:
+    def __init__(self, scale_bound: float = 3.0, shift_first: bool = False) -> None:
         super().__init__()
         self.scale_bound = scale_bound
+        self.shift_first = shift_first
 
     def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         return params[..., 0], soft_clamp(params[..., 1], self.scale_bound)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(params)
-        return (x + shift) * torch.exp(log_scale), log_scale
+        if self.shift_first:
+            return (x + shift) * torch.exp(log_scale), log_scale
+        return x * torch.exp(log_scale) + shift, log_scale
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(params)
-        return y * torch.exp(-log_scale) - shift, -log_scale
+        if self.shift_first:
+            return y * torch.exp(-log_scale) - shift, -log_scale
+        return (y - shift) * torch.exp(-log_scale), -log_scale
 
     def extra_repr(self) -> str:
-        return f"scale_bound={self.scale_bound}"
+        return f"scale_bound={self.scale_bound}, shift_first={self.shift_first}"
 
 
 class AdditiveTransformer(ElementwiseTransformer):
@@ -202,8 +217,9 @@ class Coupling(Transform):
             increasing index order), to (B, d_b·P), output unit j·P + p holding parameter p of
             the j-th transformed feature (increasing index order); for images a module mapping
             x ⊙ m, shape (B, C, H, W), to (B, C·P, H, W). P = ``transformer.num_params``. By
-            default an MLP (vectors) or ConvNet (images) of width ``hidden`` with a zero last
-            layer, so the layer starts as the identity.
+            default an MLP (vectors) or ConvNet (images) of width ``hidden`` whose last layer
+            is zero (``identity_init=True``: the layer starts as the identity) or, with
+            ``identity_init=False``, randomly initialised like the others (PyTorch's default).
         **transformer_kwargs: options of the transformer (e.g. ``scale_bound``, ``bins``, ``bound``).
     """
 
@@ -213,6 +229,7 @@ class Coupling(Transform):
         transformer: str | ElementwiseTransformer = "affine",
         conditioner: nn.Module | None = None,
         hidden: int = 64,
+        identity_init: bool = True,
         **transformer_kwargs,
     ) -> None:
         super().__init__()
@@ -238,9 +255,11 @@ class Coupling(Transform):
             p = self.transformer.num_params
             if self.image:
                 c = mask.shape[0]
-                conditioner = default_conditioner(c, c * p, image=True, hidden=hidden)
+                conditioner = default_conditioner(c, c * p, image=True, hidden=hidden, zero_init=identity_init)
             else:
-                conditioner = default_conditioner(len(idx_a), len(idx_b) * p, image=False, hidden=hidden)
+                conditioner = default_conditioner(
+                    len(idx_a), len(idx_b) * p, image=False, hidden=hidden, zero_init=identity_init
+                )
         self.conditioner = conditioner
 
     def _check(self, x: Tensor) -> None:

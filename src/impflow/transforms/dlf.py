@@ -37,6 +37,8 @@ class DynamicLinear(Transform):
             (log s_1, μ_1) = NN_1(c) (per channel for images) and c is appended to every
             NN_k's input. Pass it as ``forward(x, context=c)``.
         scale_bound: a, the bound on |log s|.
+        shift_first: y_k = s_k ⊙ (x_k + μ_k) as above (the paper's form, default) or
+            y_k = s_k ⊙ x_k + μ_k (see :class:`~impflow.transforms.coupling.AffineTransformer`).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class DynamicLinear(Transform):
         inverse_variant: bool = False,
         context_features: int | None = None,
         scale_bound: float = 3.0,
+        shift_first: bool = True,
     ) -> None:
         super().__init__()
         if not 2 <= partitions <= features:
@@ -55,7 +58,7 @@ class DynamicLinear(Transform):
         self.features, self.image, self.inverse_variant = features, image, inverse_variant
         self.context_features = context_features or 0
         self.sizes = [len(p) for p in torch.arange(features).tensor_split(partitions)]
-        self.transformer = AffineTransformer(scale_bound)
+        self.transformer = AffineTransformer(scale_bound, shift_first=shift_first)
         if self.context_features:
             self.first = conditioner(self.context_features, 2 * self.sizes[0], image=False, hidden=hidden)
         else:

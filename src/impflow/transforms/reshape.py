@@ -76,7 +76,7 @@ class Split(Transform):
             raise ValueError(f"Split needs at least 2 channels, got {channels}")
         self.channels = channels
         self.kept_channels = (channels + 1) // 2
-        self.transformer = AffineTransformer(scale_bound)
+        self.transformer = AffineTransformer(scale_bound, shift_first=True)  # x_f − μ, then ÷ σ
         factored = channels - self.kept_channels
         self.net = conditioner(self.kept_channels, 2 * factored, image=True, hidden=hidden)
 
