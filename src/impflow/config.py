@@ -18,6 +18,7 @@ import yaml
 
 from . import models
 from .data import toy2d
+from .data.images import IMAGES, LOGIT_ALPHA
 from .data.tabular import TABULAR
 from .flow import Flow
 
@@ -36,20 +37,32 @@ __all__ = [
     "preset_help",
     "data_kind",
     "IMAGE_DATA",
+    "IMAGE_MODELS",
+    "TASKS",
+    "LAYOUTS",
+    "layout",
+    "logit_alpha",
 ]
 
 DTYPES = ("float32", "float64")
 SCHEDULES = ("cosine", "constant")
 LOGDETS = ("exact", "unbiased", "neumann")
 CLASSIC_MODELS = ("realnvp", "glow", "maf", "nsf", "dlf", "linear")
-IMAGE_DATA = ("digits",)
-"""Image sets ``--data`` accepts, trained as flattened vectors with uniform dequantization."""
+IMAGE_MODELS = ("image-impflow", "image-resflow")
+"""Multi-scale convolutional ResFlow/ImpFlow (:mod:`impflow.models.image`): image layout only."""
+CLASSIFIER_BLOCKS = ("resflow", "impflow")
+"""``--model`` of a ``--task classify`` run: the block type of :func:`impflow.models.classifier`."""
+TASKS = ("density", "classify")
+LAYOUTS = ("vector", "image")
+IMAGE_DATA = IMAGES
+"""Image sets ``--data`` accepts (mnist and cifar10 are read from ``--data-root``)."""
 ARRAY_SUFFIXES = (".npy", ".csv")
+_ROOTED_IMAGES = ("mnist", "cifar10")
 
 
 def data_kind(name: str) -> str:
     """``"toy"`` (a 2-D toy density), ``"tabular"`` (a UCI set, needs ``data_root``), ``"image"``
-    (digits) or ``"array"`` (a ``.npy``/``.csv`` file); raises ConfigError for anything else."""
+    (digits; mnist and cifar10, which need ``data_root``) or ``"array"`` (a ``.npy``/``.csv`` file); raises ConfigError for anything else."""
     if name in toy2d.NAMES:
         return "toy"
     if name in TABULAR:
@@ -66,6 +79,23 @@ def data_kind(name: str) -> str:
 
 class ConfigError(ValueError):
     """A bad setting (unknown name, wrong type, out of range); the message is one line."""
+
+
+def layout(config: "RunConfig") -> str | None:
+    """How a density run feeds its data to the model: ``"image"`` ((C, H, W), logit inside the
+    flow), ``"vector"`` (flattened) for image data, None for other data and classify runs."""
+    if config.task != "density" or data_kind(config.data) != "image":
+        return None
+    if config.layout is not None:
+        return config.layout
+    return "image" if config.model in IMAGE_MODELS or config.data in _ROOTED_IMAGES else "vector"
+
+
+def logit_alpha(config: "RunConfig") -> float | None:
+    """The α of the logit preprocessing (image layout only; None otherwise)."""
+    if layout(config) != "image":
+        return None
+    return config.logit_alpha if config.logit_alpha is not None else LOGIT_ALPHA[config.data]
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -97,22 +127,59 @@ def _opt(default: Any, help: str, parse: Callable[[str], Any] = str, resumable: 
 class RunConfig:
     """Everything that defines a training run (see ``impflow train --help``)."""
 
+    task: str = _opt(
+        "density",
+        "density (maximum likelihood) or classify (cross-entropy; a ResNet-style classifier whose residual "
+        "blocks are Lipschitz ResFlow or ImpFlow blocks, impflow.models.classifier; --data digits, mnist or "
+        "cifar10; --model resflow|impflow picks the block type)",
+    )
     data: str = _opt(
         "checkerboard",
         f"dataset: a 2-D toy ({', '.join(toy2d.NAMES)}); a UCI set ({', '.join(TABULAR)}; needs --data-root); "
-        "digits (8x8 images as 64-D vectors, dequantized); or the path of an (N, D) .npy/.csv file "
+        "images: digits (8x8, 17 levels, with scikit-learn), mnist or cifar10 (files under --data-root; "
+        "see --layout); or the path of an (N, D) .npy/.csv file "
         "(split 80/10/10 and standardised by impflow.data.from_array)",
     )
     data_root: str | None = _opt(
-        None, "directory holding the MAF data files (power/, gas/, hepmass/, miniboone/, BSDS300/) for the UCI sets"
+        None, "directory holding the MAF data files (power/, gas/, hepmass/, miniboone/, BSDS300/) for the UCI sets, "
+        "or the MNIST IDX files / cifar-10-batches-py/ for mnist and cifar10",
     )
-    model: str = _opt("impflow", "model name (impflow, resflow, or a classic flow: " + ", ".join(CLASSIC_MODELS) + ")")
-    blocks: int | None = _opt(None, "number of blocks/steps (default: 4 for impflow, 8 for resflow)", int)
-    hidden: tuple[int, ...] | None = _opt(None, "hidden widths of each network, e.g. 128,128", parse_hidden)
-    coeff: float | None = _opt(None, "spectral-norm bound of every layer, in (0, 1) (default 0.97)", float)
+    layout: str | None = _opt(
+        None,
+        "how a density model sees image data: image = (C, H, W) tensors, dequantized, logit preprocessing "
+        "inside the flow (--logit-alpha), the image forms of glow/dlf/realnvp (vector-only models such as nsf "
+        "see the flattened logits); vector = flattened and dequantized, no logit. Default: image for image-impflow/image-resflow "
+        "and for mnist/cifar10, vector otherwise (e.g. digits with nsf: the 64-D runs)",
+    )
+    logit_alpha: float | None = _opt(
+        None,
+        "alpha of the image-layout preprocessing y = logit(alpha + (1 - 2 alpha) x), in (0, 0.5) (default "
+        + ", ".join(f"{k} {v:g}" for k, v in LOGIT_ALPHA.items()) + "); its log-det is part of the NLL and bits/dim",
+        float,
+    )
+    model: str = _opt(
+        "impflow",
+        "model name: impflow, resflow, image-impflow, image-resflow (multi-scale conv flows, image layout), or a "
+        "classic flow: " + ", ".join(CLASSIC_MODELS) + "; with --task classify: resflow or impflow blocks",
+    )
+    blocks: int | None = _opt(
+        None,
+        "number of blocks/steps (default: 4 for impflow, 8 for resflow; image-impflow/image-resflow: blocks per "
+        "scale, 3 scales, default 2/4; classify: 2 impflow / 4 resflow blocks)",
+        int,
+    )
+    hidden: tuple[int, ...] | None = _opt(
+        None, "hidden widths of each network, e.g. 128,128 (one width for conv and classifier networks)", parse_hidden
+    )
+    width: int | None = _opt(None, "classify: channels the classifier's blocks act on (default 32)", int)
+    coeff: float | None = _opt(
+        None, "spectral-norm bound of every layer, in (0, 1) (default 0.97; classify: 0.9)", float
+    )
     activation: str | None = _opt(None, "lipswish, sine, elu or tanh (default lipswish)")
     logdet: str | None = _opt(
-        None, "training log-det estimator: exact, unbiased or neumann (default exact in 2-D); evaluation is exact"
+        None,
+        "training log-det estimator: exact, unbiased or neumann (default exact up to 16-D vectors and 64-D "
+        "images, else unbiased); evaluation is exact up to 64 dimensions, else unbiased with its standard error",
     )
     steps: int = _opt(2000, "total optimisation steps", int, resumable=True)
     batch_size: int = _opt(1024, "training minibatch size", int)
@@ -123,8 +190,14 @@ class RunConfig:
     train_size: int = _opt(0, "0: fresh samples every step; N: a fixed training set of N points", int)
     seed: int = _opt(0, "seed of the model initialisation and of the training data", int)
     dtype: str = _opt("float32", "float32 or float64")
-    eval_every: int = _opt(250, "steps between evaluations (exact log-det) and checkpoints", int, resumable=True)
-    eval_size: int = _opt(10000, "held-out validation points (a different seed from training)", int)
+    eval_every: int = _opt(
+        250, "steps between evaluations (validation NLL or classification error) and checkpoints", int,
+        resumable=True,
+    )
+    eval_size: int = _opt(
+        10000, "held-out validation points (toys: a different seed from training; fixed splits: the first N of "
+        "the validation split)", int,
+    )
     log_every: int = _opt(
         100, "steps between history records (and log lines when stdout is not a terminal)", int, resumable=True
     )
@@ -142,12 +215,43 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", coerce("hidden", self.hidden, "RunConfig"))  # a list or int -> tuple
-        if data_kind(self.data) == "tabular" and self.data_root is None:
+        kind = data_kind(self.data)
+        if kind == "tabular" and self.data_root is None:
             raise ConfigError(
                 f"dataset {self.data!r} needs --data-root DIR (the unpacked MAF data.tar.gz, "
                 "https://zenodo.org/record/1161203)"
             )
-        model_builder(self.model)
+        if self.data in _ROOTED_IMAGES and self.data_root is None:
+            raise ConfigError(f"dataset {self.data!r} is read from files: it needs --data-root DIR")
+        for name, valid in (("task", TASKS), ("layout", LAYOUTS)):
+            value = getattr(self, name)
+            if value is not None and value not in valid:
+                raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        if self.task == "classify":
+            if kind != "image":
+                raise ConfigError(f"--task classify needs image data ({', '.join(IMAGE_DATA)}), got {self.data!r}")
+            if self.model not in CLASSIFIER_BLOCKS:
+                raise ConfigError(
+                    f"--task classify takes --model {' or '.join(CLASSIFIER_BLOCKS)} (the block type), got {self.model!r}"
+                )
+            for name in ("layout", "logit_alpha", "logdet"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} applies to density runs only (--task classify was given)")
+        else:
+            model_builder(self.model)
+            if self.width is not None:
+                raise ConfigError("width applies to --task classify only (density networks take --hidden)")
+            if self.model in IMAGE_MODELS and layout(self) != "image":
+                raise ConfigError(f"model {self.model!r} needs image data in the image layout "
+                                  f"(--data {' / '.join(IMAGE_DATA)}, not --layout vector)")
+            if self.layout is not None and kind != "image":
+                raise ConfigError(f"layout applies to image data ({', '.join(IMAGE_DATA)}), got {self.data!r}")
+            if self.logit_alpha is not None and layout(self) != "image":
+                raise ConfigError("logit_alpha applies to the image layout only (--layout image)")
+        if self.logit_alpha is not None and not 0 < self.logit_alpha < 0.5:
+            raise ConfigError(f"logit_alpha must lie in (0, 0.5), got {self.logit_alpha}")
+        if self.width is not None and self.width < 1:
+            raise ConfigError(f"width must be at least 1, got {self.width}")
         for name in ("steps", "batch_size", "eval_every", "eval_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -236,15 +340,29 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(model="impflow", blocks=1, hidden=(16,), steps=20, batch_size=64, lr=1e-3, eval_every=10,
              eval_size=1000, log_every=5),
     ),
+    "tabular-smoke-resflow": (
+        "the ResFlow side of tabular-smoke: 2 residual blocks (twice tabular-smoke's 1 implicit block, the same "
+        "16-wide networks, equal parameters); needs --data FILE.npy|.csv",
+        dict(model="resflow", blocks=2, hidden=(16,), steps=20, batch_size=64, lr=1e-3, eval_every=10,
+             eval_size=1000, log_every=5),
+    ),
     **{
-        name: (
-            f"ImpFlow paper Table 2 ({name.upper()}, {dim}-D): 5 implicit blocks, half the 10 residual blocks of "
-            f"the ResFlow it is compared to (network widths and budget here are this package's choice). "
+        f"{name}{suffix}": (
+            f"ImpFlow paper Table 2 ({name.upper()}, {dim}-D), the {side} side: "
+            + (
+                f"{blocks} implicit blocks, half the {2 * blocks} residual blocks of {name}-resflow "
+                "(each implicit block holds two networks: equal parameters)"
+                if suffix == ""
+                else f"{2 * blocks} residual blocks, twice the {blocks} implicit blocks of {name} "
+                "with the same networks (equal parameters)"
+            )
+            + f"; {','.join(map(str, hidden))} networks (widths and budget are this package's choice). "
             f"Paper test log-likelihood: ImpFlow {imp} nats, ResFlow {res} nats (NLL = minus these). "
             "Needs --data-root DIR. Evaluation uses the exact log-det"
             + (", O(D) backward passes per point: slow at 63-D" if dim > 16 else ""),
-            dict(data=name, model="impflow", blocks=5, hidden=hidden, steps=steps, batch_size=1000, lr=1e-3,
-                 warmup=1000, schedule="cosine", eval_every=2500, eval_size=10000, log_every=100),
+            dict(data=name, model="impflow" if suffix == "" else "resflow",
+                 blocks=blocks if suffix == "" else 2 * blocks, hidden=hidden, steps=steps, batch_size=1000,
+                 lr=1e-3, warmup=1000, schedule="cosine", eval_every=2500, eval_size=10000, log_every=100),
         )
         for name, dim, imp, res, hidden, steps in (
             ("power", 6, "0.30", "0.26", (128, 128), 50000),
@@ -253,11 +371,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             ("miniboone", 43, "-21.50", "-21.81", (256, 256), 20000),
             ("bsds300", 63, "113.72", "104.63", (512, 512), 50000),
         )
+        for suffix, side, blocks in (("", "ImpFlow", 5), ("-resflow", "ResFlow", 5))
     },
 }
 """name -> (description, settings)."""
 
-_PRESET_NEEDS = {"tabular-smoke": "data"}
+_PRESET_NEEDS = {"tabular-smoke": "data", "tabular-smoke-resflow": "data"}
 """Presets that run only with a setting given explicitly (flag or config file)."""
 
 
@@ -314,7 +433,12 @@ def resolve(
 
 
 def _registry() -> dict[str, Callable[..., Flow]]:
-    builders: dict[str, Callable[..., Flow]] = {"impflow": models.impflow, "resflow": models.resflow}
+    builders: dict[str, Callable[..., Flow]] = {
+        "impflow": models.impflow,
+        "resflow": models.resflow,
+        "image-impflow": models.image_impflow,
+        "image-resflow": models.image_resflow,
+    }
     try:
         from .models import classic
     except ImportError:
@@ -327,8 +451,12 @@ def model_names() -> tuple[str, ...]:
     return tuple(_registry())
 
 
-def model_builder(name: str) -> Callable[..., Flow]:
-    """The builder for ``--model name``: called as ``builder(dim=..., **model_kwargs(config))``."""
+def model_builder(name: str, task: str = "density") -> Callable[..., Any]:
+    """The builder for ``--model name``: a flow builder called as ``builder(dim=..., **kwargs)``
+    (``shape=`` for image-layout models), or for ``task="classify"``
+    :func:`impflow.models.classifier` (``name`` is then its block type)."""
+    if task == "classify":
+        return models.classifier
     builders = _registry()
     if name not in builders:
         raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(builders)}")
@@ -337,8 +465,9 @@ def model_builder(name: str) -> Callable[..., Flow]:
 
 # RunConfig field -> the builder parameters it may set (first one the builder has wins).
 _MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
-    "blocks": ("blocks", "steps"),
+    "blocks": ("blocks", "steps", "blocks_per_scale"),
     "hidden": ("hidden",),
+    "width": ("width",),
     "coeff": ("coeff",),
     "activation": ("activation",),
     "logdet": ("logdet",),
@@ -351,8 +480,8 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
     Raises ConfigError when a setting is given that the model does not have (e.g. ``coeff``
     for ``realnvp``) or a multi-layer ``hidden`` for a builder that takes one width.
     """
-    params = inspect.signature(model_builder(config.model)).parameters
-    kwargs: dict[str, Any] = {}
+    params = inspect.signature(model_builder(config.model, config.task)).parameters
+    kwargs: dict[str, Any] = {"block": config.model} if config.task == "classify" else {}
     for option, candidates in _MODEL_OPTIONS.items():
         value = getattr(config, option)
         target = next((p for p in candidates if p in params), None)
@@ -363,12 +492,19 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
         fallback = params[target].default
         if value is None:
             value = None if fallback is inspect.Parameter.empty else fallback
+        if option == "blocks" and isinstance(value, tuple):
+            value = list(value)
         if option == "hidden" and value is not None:
-            if isinstance(fallback, int):  # a builder taking one width
+            if isinstance(fallback, int) or target == "hidden" and config.task == "classify":  # one width
                 if not isinstance(value, int) and len(value) != 1:
                     raise ConfigError(f"model {config.model!r} takes one hidden width, got {','.join(map(str, value))}")
                 value = value if isinstance(value, int) else value[0]
             else:
                 value = list(value)
         kwargs[target] = value
+    if config.task == "classify":  # the classifier's defaults, recorded
+        if kwargs.get("blocks") is None:
+            kwargs["blocks"] = 4 if config.model == "resflow" else 2
+        if kwargs.get("hidden") is None:
+            kwargs["hidden"] = kwargs["width"]
     return kwargs

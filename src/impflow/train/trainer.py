@@ -1,5 +1,6 @@
-"""The training loop: Adam with warm-up and cosine decay, gradient clipping, periodic exact-log-det
-evaluation, best-model tracking, crash-safe checkpoints and exact resumption."""
+"""The training loop: Adam with warm-up and cosine decay, gradient clipping, periodic evaluation
+(validation NLL for density runs, classification error for classify runs), best-model tracking,
+crash-safe checkpoints and exact resumption."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..checkpoint import HISTORY, CheckpointError, has_checkpoint, load_trainer_state, load_weights, pointer
 from ..checkpoint import save_checkpoint, write_json
@@ -24,9 +26,10 @@ from .. import distributed
 from ..config import RESUMABLE, ConfigError, RunConfig, model_kwargs
 from ..logdet import exact_logdet
 from .monitor import Progress, ProgressMode, SolverMonitor, VolumeMonitor, WarningCounter, summarize_solves
-from ..nn.lipschitz import sync_spectral
-from .runs import build_model, dataset, evaluate, load_model_state, read_run, refresh_spectral, resolve_device
-from .runs import draw_batch, stream_seed, train_pool, write_config
+from ..nn.lipschitz import SpectralLinear
+from .runs import EXACT_EVAL_MAX_DIM, build_model, data_spec, dataset, evaluate, evaluate_classifier, labelled
+from .runs import draw_batch, load_model_state, read_run, refresh_spectral, resolve_device, saved_spec
+from .runs import stream_seed, train_pool, write_config
 
 __all__ = ["Trainer", "FitResult", "lr_factor"]
 
@@ -97,6 +100,23 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+SYNC_MAX_ENTRIES = 2**20
+"""Spectral-norm layers whose dense operator has at most this many entries get the exact SVD
+sync at scheduled evaluations (all dense layers of the vector flows; convolutions on small
+images); larger convolutions keep their power-iteration estimates."""
+
+
+def sync_spectral(model: nn.Module) -> float:
+    """:meth:`SpectralLinear.sync_exact` on every spectrally normalised layer of ``model`` whose
+    dense operator has at most :data:`SYNC_MAX_ENTRIES` entries; the largest lag σ/σ̂ (1.0: none)."""
+    lags = [
+        m.sync_exact()
+        for m in model.modules()
+        if isinstance(m, SpectralLinear) and m.u.numel() * m.v.numel() <= SYNC_MAX_ENTRIES
+    ]
+    return max(lags, default=1.0)
+
+
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -105,8 +125,11 @@ def _seed_all(seed: int) -> None:
 
 class Trainer:
     """Maximum-likelihood training of a :class:`~impflow.Flow` on a toy 2-D dataset, a tabular set
-    (UCI or a ``.npy``/``.csv`` file) or flattened, dequantized digits (see
-    :mod:`impflow.train.runs`).
+    (UCI or a ``.npy``/``.csv`` file) or dequantized images, as vectors or (C, H, W) (see
+    :mod:`impflow.train.runs`); or, for ``config.task == "classify"``, cross-entropy training of a
+    :func:`~impflow.models.classifier` on labelled images. The two differ only in the loss, the
+    batches and the evaluation (:meth:`_loss`, :meth:`_batch`, :meth:`evaluate`); optimisation,
+    checkpoints, resumption and data parallelism are shared.
 
     ``Trainer(config, out)`` starts a new run in directory ``out`` (which must not hold one),
     seeding torch, numpy and ``random`` with ``config.seed``; ``Trainer.resume(out)`` continues
@@ -121,7 +144,12 @@ class Trainer:
     residual/implicit block and its inverse on the first ``volume_points`` validation points
     (:class:`~impflow.train.monitor.VolumeMonitor`; drawn by ``impflow plot``), and at scheduled
     evaluations ``spectral_lag``: the largest σ/σ̂ found when the spectral-norm estimates were
-    replaced by exact top singular pairs (:func:`impflow.nn.sync_spectral`; 1.0 = no drift).
+    replaced by exact top singular pairs (:func:`sync_spectral`: every layer whose dense operator
+    has at most :data:`SYNC_MAX_ENTRIES` entries; 1.0 = no drift).
+    Above 64 dimensions ``val_nll`` uses the unbiased log-det estimator with seeded noise
+    (:func:`~impflow.train.runs.evaluate`). Classify runs record instead ``val_loss``,
+    ``val_error`` (the best checkpoint has the lowest, ties broken by the loss) and ``test_loss``,
+    ``test_error`` (cross-entropy in nats, errors as fractions; the test set never selects).
 
     Args:
         config: the run's settings.
@@ -142,15 +170,16 @@ class Trainer:
                 f"{out} already holds a run (step {step}); resume it (--resume) or choose another output directory"
             )
         kwargs = model_kwargs(config)
+        spec = data_spec(config)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
-        self._setup(config, out, kwargs, progress, volume_points)
+        self._setup(config, out, kwargs, spec, progress, volume_points)
         if self.rank:
             _seed_all(distributed.rank_seed(config.seed, self.rank))  # own estimator noise per rank
         else:
             out.mkdir(parents=True, exist_ok=True)
-            write_config(out, config, kwargs)
+            write_config(out, config, kwargs, spec)
         distributed.barrier()
 
     @classmethod
@@ -176,16 +205,23 @@ class Trainer:
         config = config.replace(**changed)
         state = load_trainer_state(out, "last")
         self = cls.__new__(cls)
-        self._setup(config, out, kwargs, progress, volume_points)
+        spec = saved_spec(out)
+        self._setup(config, out, kwargs, spec, progress, volume_points)
         load_model_state(self.model, load_weights(out, "last", self.device), str(pointer(out, "last")["dir"]))
         self._load_state(state)
         if changed and self.rank == 0:
-            write_config(out, config, kwargs)
+            write_config(out, config, kwargs, spec)
         distributed.barrier()
         return self
 
     def _setup(
-        self, config: RunConfig, out: Path, kwargs: dict[str, Any], progress: ProgressMode, volume_points: int
+        self,
+        config: RunConfig,
+        out: Path,
+        kwargs: dict[str, Any],
+        spec: dict[str, Any],
+        progress: ProgressMode,
+        volume_points: int,
     ) -> None:
         self.config, self.out = config, out
         self.device = distributed.init(resolve_device(config.device))
@@ -193,8 +229,10 @@ class Trainer:
         if config.batch_size % self.world:
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {self.world} processes")
         self.progress_mode: ProgressMode = "none" if config.quiet or self.rank else progress
-        self.model = build_model(config, kwargs).to(self.device)
-        # data parallel: the DDP wrapper computes the training loss; self.model stays the Flow
+        self.model = build_model(config, kwargs, spec).to(self.device)
+        self.classify = config.task == "classify"
+        self.metric = "val_error" if self.classify else "val_nll"  # lower is better
+        # data parallel: the DDP wrapper computes the training loss; self.model stays the model
         self._ddp = distributed.wrap(self.model, self.device) if self.world > 1 else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -202,7 +240,16 @@ class Trainer:
         )
         self._data_rng = torch.Generator().manual_seed(stream_seed(config.seed, "train"))
         self._train_set = train_pool(config)  # None: fresh toy samples every step
-        self._val = dataset(config, "val", config.eval_size).to(self.device)
+        if self.classify:
+            x, labels = labelled(config, "val", config.eval_size)
+            self._val, self._val_labels = x.to(self.device), labels
+            x, labels = labelled(config, "test", 0)
+            self._test, self._test_labels = x.to(self.device), labels
+            volume_points = 0  # a classifier has no log-dets to monitor
+        else:
+            self._val = dataset(config, "val", config.eval_size).to(self.device)
+            if math.prod(spec["shape"]) > EXACT_EVAL_MAX_DIM:
+                volume_points = 0  # exact per-block log-dets would dominate the run
         self._monitor = SolverMonitor(self.model)
         self._volume = VolumeMonitor(self.model, self._val[:volume_points]) if volume_points > 0 else None
         self.warnings = WarningCounter()
@@ -262,8 +309,8 @@ class Trainer:
             return
         refresh_spectral(self.model)  # on every rank: it refines u, v, which later steps use
         distributed.broadcast_buffers(self.model)
-        latest = next((r["val_nll"] for r in reversed(self.history) if "val_nll" in r), None)
-        info = {"val_nll": latest, "train_seconds": self.train_seconds}
+        latest = next((r[self.metric] for r in reversed(self.history) if self.metric in r), None)
+        info = {self.metric: latest, "train_seconds": self.train_seconds}
         tags = ("last", "best") if best else ("last",)
         state = self.state_dict()
         if self.rank == 0:
@@ -274,17 +321,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _batch(self) -> Tensor:
-        """The next global batch (CPU). With several processes every rank draws the same one from
-        the shared data stream and trains on its own contiguous slice (:meth:`_shard`)."""
+    def _batch(self) -> Any:
+        """The next global batch (CPU): x, or (x, labels) for classify runs. With several
+        processes every rank draws the same one from the shared data stream and trains on its own
+        contiguous slice (:meth:`_shard`)."""
         return draw_batch(self.config, self._train_set, self.config.batch_size, self._data_rng)
 
-    def _shard(self, x: Tensor) -> Tensor:
-        """This rank's slice of global batch ``x`` (all of it single-process)."""
+    def _shard(self, x: Any) -> Any:
+        """This rank's slice of global batch ``x`` (all of it single-process), on the device; a
+        tuple (x, labels) is sliced alike."""
+        if isinstance(x, tuple):
+            return tuple(self._shard(part) for part in x)
         if self.world > 1:
             per_rank = x.shape[0] // self.world
             x = x[self.rank * per_rank : (self.rank + 1) * per_rank]
         return x.to(self.device)
+
+    def _loss(self, module: nn.Module, batch: Any) -> Tensor:
+        """Per-example training loss of ``module`` (the model or its DDP wrapper, whose forward is
+        the flow's ``log_prob`` or the classifier's logits): −log p(x), or the cross-entropy."""
+        if self.classify:
+            x, labels = batch
+            return F.cross_entropy(module(x), labels, reduction="none")
+        return -module(batch)
 
     def _data_init(self, x: Tensor) -> None:
         """Data-parallel only: run the data-dependent initialisations (ActNorm) still pending on
@@ -300,17 +359,17 @@ class Trainer:
             self.model.log_prob(x.to(self.device))
 
     def _train_step(self) -> float:
-        x = self._batch()
-        if self._ddp is not None:
-            self._data_init(x)
-        x = self._shard(x)
+        batch = self._batch()
+        if self._ddp is not None and not self.classify:
+            self._data_init(batch)
+        batch = self._shard(batch)
         self._monitor.reset()
         if self._ddp is None:
-            loss = -self.model.log_prob(x).mean()
+            loss = self._loss(self.model, batch).mean()
             value = loss.item()
         else:
             # DDP averages the gradients of the per-rank means = the gradient of the global mean
-            loss = -self._ddp(x).mean()
+            loss = self._loss(self._ddp, batch).mean()
             value = distributed.all_reduce(loss.item(), self.device)  # every rank sees the same
         if not math.isfinite(value):
             raise _NonFinite(f"the training loss is {value}")
@@ -328,8 +387,31 @@ class Trainer:
         return value
 
     def evaluate(self) -> dict[str, Any]:
-        """Validation NLL (exact log-det, nats) and solver statistics on the held-out set."""
-        return evaluate(self.model, self._val)
+        """The record fields of an evaluation, ``self.metric`` among them, and ``solver``:
+        density runs ``val_nll`` (nats; exact log-det up to 64 dimensions, else one seeded pass of
+        the unbiased estimator) and its standard error ``val_se``; classify runs ``val_loss``,
+        ``val_error``, ``test_loss``, ``test_error``."""
+        if self.classify:
+            val = evaluate_classifier(self.model, self._val, self._val_labels)
+            test = evaluate_classifier(self.model, self._test, self._test_labels)
+            solver = val["solver"] | {
+                "convergence_warnings": val["solver"]["convergence_warnings"] + test["solver"]["convergence_warnings"]
+            }
+            return {"val_loss": val["loss"], "val_error": val["error"], "test_loss": test["loss"],
+                    "test_error": test["error"], "solver": solver}
+        result = evaluate(self.model, self._val, seed=stream_seed(self.config.seed, "eval"))
+        return {"val_nll": result["nll"], "val_se": result["nll_se"], "solver": result["solver"]}
+
+    def _better(self, record: Mapping[str, Any]) -> bool:
+        """Whether evaluation ``record`` beats the best so far (classify: error, then loss)."""
+        value = record[self.metric]
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        if self.classify:
+            return (value, record["val_loss"]) < (self.best[self.metric], self.best["val_loss"])
+        return value < self.best[self.metric]
 
     def _record(self, evaluate_now: bool) -> None:
         record: dict[str, Any] = {
@@ -356,11 +438,14 @@ class Trainer:
             # every rank evaluates the whole validation set (the same deterministic computation,
             # which refines the spectral vectors the same way on each), so all keep equal state
             result = self.evaluate()
-            record |= {"val_nll": result["nll"], "val_se": result["nll_se"]}
-            self.warnings.count += result["solver"]["convergence_warnings"]
-            is_best = math.isfinite(result["nll"]) and (self.best is None or result["nll"] < self.best["val_nll"])
+            solver = result.pop("solver")
+            record |= result
+            self.warnings.count += solver["convergence_warnings"]
+            is_best = self._better(result)
             if is_best:
-                self.best = {"step": self.step, "val_nll": result["nll"]}
+                self.best = {"step": self.step, self.metric: result[self.metric]}
+                if self.classify:
+                    self.best["val_loss"] = result["val_loss"]
             if self._volume is not None:
                 record["volume"] = self._volume()
         self._synced_warnings = self.warnings.count
@@ -371,9 +456,9 @@ class Trainer:
 
     def _display(self) -> dict[str, str]:
         shown = {"loss": f"{self._pending[-1] if self._pending else self.history[-1]['loss']:.4f}"}
-        val = next((r["val_nll"] for r in reversed(self.history) if "val_nll" in r), None)
+        val = next((r[self.metric] for r in reversed(self.history) if self.metric in r), None)
         if val is not None:
-            shown["val_nll"] = f"{val:.4f}"
+            shown[self.metric] = f"{val:.4f}"
         if self._last_solves["solves"]:
             shown["iters"] = f"{self._last_solves['mean_iterations']:.1f}"
         if self.warnings.count:
@@ -419,7 +504,12 @@ class Trainer:
         finally:
             progress.close()
         self.save()
-        best = f"; best val NLL {self.best['val_nll']:.4f} nats at step {self.best['step']}" if self.best else ""
+        if self.best is None:
+            best = ""
+        elif self.classify:
+            best = f"; best val error {self.best['val_error']:.2%} at step {self.best['step']}"
+        else:
+            best = f"; best val NLL {self.best['val_nll']:.4f} nats at step {self.best['step']}"
         return self._result("done", f"trained {self.out} to step {self.step} in {self.train_seconds:.0f} s{best}")
 
     def _stop_requested(self, requested: bool) -> bool:
