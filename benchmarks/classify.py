@@ -6,14 +6,18 @@ that ImpFlow blocks give lower test error at every c ∈ {0.99, 0.9, 0.8, 0.7, 0
 parameters. Here the same comparison runs on scikit-learn's 8×8 digits (always available):
 
 * data: ``impflow.data.load_digits`` (1797 images, a seeded 80/20 train/test split, 1438/359),
-  levels 0..16 scaled to [0, 1] (x/16), no augmentation;
+  levels 0..16 scaled to [0, 1] (x/16); optionally (``--shift k``) training batches are
+  translated by up to k pixels with zero fill (the analogue of CIFAR's random crops), and
+  (``--vary-split``) seed s uses its own split (split seed s), so the spread over seeds includes
+  the choice of test images;
 * model: ``impflow.models.classifier((1, 8, 8), 10, block, coeff, width, ...)``: conv stem,
   ``blocks`` ResFlow blocks or ``blocks // 2`` ImpFlow blocks (each holds two networks, so
   parameter counts are equal; checked and recorded), 2×2 average pooling, linear head;
 * training: cross-entropy, Adam (lr 1e-2 by default: at 2e-3 both still underfit after 15
   epochs) with cosine annealing to 0 over all steps, the same epochs,
   batch size, learning rate and seeds (init + batch order) for both block types;
-* reported per (c, block): test error (%) mean ± std over seeds, parameters, training time,
+* reported per (c, block): test error (%) mean ± std over seeds, the paired (same seed, split
+  and batch order) difference ImpFlow − ResFlow with its standard error, parameters, training time,
   and for ImpFlow the forward/backward solver iterations (``block.forward_solve``).
 
 Usage::
@@ -21,6 +25,7 @@ Usage::
     python benchmarks/classify.py                 # the default budget (~20 min on 1 thread)
     python benchmarks/classify.py --quick         # smoke run (~1 min, prints only)
     python benchmarks/classify.py --epochs 30 --seeds 5 --coeffs 0.99 0.6
+    python benchmarks/classify.py --epochs 25 --seeds 3 --shift 1 --vary-split   # results/classify.*
 
 Results go to ``benchmarks/results/classify.json`` and ``classify.md`` (``--name`` changes the
 file stem). The JSON is rewritten after every run, so an interrupted sweep keeps what it did.
@@ -64,7 +69,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solver", choices=("fixed_point", "broyden"), default="fixed_point")
     p.add_argument("--tol", type=float, default=None, help="solver tolerance (default 1e-6 in float32)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="train/test split (unless --vary-split)")
+    p.add_argument(
+        "--vary-split", action="store_true",
+        help="seed s also draws its own 80/20 split (split seed s): the spread then includes split noise",
+    )
+    p.add_argument(
+        "--shift", type=int, default=0,
+        help="augmentation: random translation of each training image by up to this many pixels (zero fill)",
+    )
     p.add_argument(
         "--quick", action="store_true",
         help="smoke run: 1 seed, c ∈ {0.9, 0.6}, 2 epochs; prints only unless --name is given",
@@ -89,6 +102,20 @@ def digits(split_seed: int) -> dict[str, torch.Tensor]:
         "x_test": d.test_images.float() / scale,
         "y_test": d.test_labels.long(),
     }
+
+
+def random_shift(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of x (B, C, H, W) by (dy, dx) ∈ {−k..k}², zero fill (random-crop augmentation)."""
+    if k == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (k, k, k, k))
+    dy = torch.randint(0, 2 * k + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * k + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, x.shape[1], h, w + 2 * k)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, x.shape[1], h, w)
+    return out.gather(3, cols)
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -142,7 +169,7 @@ def run_one(args: argparse.Namespace, data: dict, block: str, coeff: float, seed
             order = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), args.batch):
                 idx = order[i : i + args.batch]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = F.cross_entropy(model(random_shift(x[idx], args.shift, gen)), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -217,6 +244,9 @@ def summarise(runs: list[dict], coeffs: list[float]) -> list[dict]:
                 for b in runs if b["coeff"] == c and b["block"] == "impflow" and b["seed"] == a["seed"]
             ]
             row["impflow_wins_seeds"] = f"{sum(i < r for r, i in pairs)}/{len(pairs)}"
+            diffs = [i - r for r, i in pairs]
+            row["diff_mean"] = statistics.mean(diffs) if diffs else None  # ImpFlow − ResFlow, points
+            row["diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
         rows.append(row)
     return rows
 
@@ -232,8 +262,10 @@ def markdown(payload: dict) -> str:
         f"Wall time: {payload['wall_time_s'] / 60:.1f} min ({payload['machine']['threads']} thread(s), "
         f"torch {payload['machine']['torch']}, {payload['machine']['date']})",
         "",
-        f"Data: sklearn digits, seeded 80/20 split (split seed {a['split_seed']}: "
-        f"{payload['data']['n_train']} train / {payload['data']['n_test']} test), x/16 ∈ [0, 1], no augmentation.  ",
+        f"Data: sklearn digits, seeded 80/20 split ("
+        + ("a different split per seed (split seed = seed)" if a.get("vary_split") else f"split seed {a['split_seed']}")
+        + f": {payload['data']['n_train']} train / {payload['data']['n_test']} test), x/16 ∈ [0, 1], "
+        + (f"random shifts of up to {a['shift']} px (zero fill) on training batches.  " if a.get("shift") else "no augmentation.  "),
         f"Model: conv stem → blocks (width {a['width']}, hidden {a['hidden'] or a['width']}, kernels 3-1-3, "
         f"LipSwish, every conv spectrally normalised to c) → {a['pool']}×{a['pool']} avg-pool → linear; "
         f"ResFlow {a['resflow_blocks']} blocks, ImpFlow {a['resflow_blocks'] // 2} blocks.  ",
@@ -244,8 +276,8 @@ def markdown(payload: dict) -> str:
         "",
         "Test error (%), mean ± std over seeds:",
         "",
-        "| c | ResFlow | ImpFlow | ImpFlow better | wins (seeds) | params (Res / Imp) | train s/run (Res / Imp) | ImpFlow fwd iters (mean / last / test) | ImpFlow bwd iters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| c | ResFlow | ImpFlow | ImpFlow better | Imp − Res (paired mean ± s.e.) | wins (seeds) | params (Res / Imp) | train s/run (Res / Imp) | ImpFlow fwd iters (mean / last / test) | ImpFlow bwd iters |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "resflow" not in r or "impflow" not in r:
@@ -253,6 +285,7 @@ def markdown(payload: dict) -> str:
         R, I = r["resflow"], r["impflow"]
         lines.append(
             f"| {r['coeff']} | {pm(R)} | {pm(I)} | {'yes' if r['impflow_better'] else 'no'} | "
+            f"{r['diff_mean']:+.2f}" + (f" ± {r['diff_se']:.2f}" if r.get('diff_se') is not None else "") + " | "
             f"{r['impflow_wins_seeds']} | {R['params'][0]} / {I['params'][0]}"
             f"{'' if r['equal_params'] else ' (UNEQUAL)'} | "
             f"{R['train_time_s_mean']:.0f} / {I['train_time_s_mean']:.0f} | "
@@ -300,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     for seed in range(args.seeds):
+        if args.vary_split:
+            data = digits(seed)
         for c in args.coeffs:
             for block in BLOCKS:
                 rec = run_one(args, data, block, c, seed)

@@ -1,0 +1,377 @@
+"""Digits 8×8 density estimation: ImpFlow vs ResFlow vs Glow, NSF and DLF at matched size.
+
+Issue #6: bits/dim on scikit-learn's digits as (1, 8, 8) images, every model at (about) the
+same number of parameters and the same number of optimiser steps, against the best affine
+flow (the Gaussian fit of the same preprocessed data).
+
+* data: ``impflow.data.load_digits`` (seeded 80/20 split, 1438 train / 359 test images, 17
+  levels). Each training batch is dequantised afresh, x = (x_int + u)/17, and preprocessed by
+  ``Preprocess`` (y = logit(α + (1 − 2α)x), α = 0.05). The test set is dequantised once with a
+  fixed seed, the same noise for every model.
+* bits/dim = −(log p_Y(y) + ladj − 64 ln 17)/(64 ln 2) (``impflow.data.images.bits_per_dim``),
+  ladj the logit's log-det: every preprocessing Jacobian is counted.
+* models (all see y; none has its own logit):
+  - ``impflow``: ``image_impflow((1, 8, 8), (n, n, n), hidden=h)``, ``n = --impflow-blocks``;
+  - ``resflow``: ``image_resflow`` with 2n blocks per scale and the same h: the same number of
+    networks, equal parameters up to the ActNorms (the paper's 2-2-2 vs 4-4-4 comparison);
+  - ``glow`` and ``dlf``: ``models.classic`` in their image form (``shape=(1, 8, 8)``, 2 levels);
+  - ``nsf``: vector form only (``models.classic.nsf`` has no image form): the 64 values of y
+    flattened, spline couplings on alternating halves;
+  Glow/DLF/NSF ``hidden`` is chosen so that their parameter count is closest to ResFlow's
+  (checked: within ±10%, recorded).
+* training: Adam (``--lr``), ``--steps`` steps of ``--batch`` images drawn with replacement,
+  the same steps for every model; ResFlow/ImpFlow train with the Neumann log-det gradient
+  estimator (the exact 64×64 log-det in training is ~50× slower per step); ImpFlow's root
+  solver is ``SolverConfig(method=--solver, tol=--train-tol)``.
+* evaluation: test (and train) bits/dim with **exact** log-dets (``exact_logdet``) for
+  ResFlow/ImpFlow, solver tol 1e-6 (the float32 default), mean ± standard error over images,
+  then mean ± std over seeds.
+* baselines on the same preprocessed data: ``theory.gaussian_nll(train y, test y)`` (the best
+  affine flow, fitted in closed form: an affine flow of N(0, I) is exactly a Gaussian) and, as
+  a reference only, ``theory.linear_oracle_nll`` (a per-image oracle, not a model).
+
+Usage::
+
+    python benchmarks/digits.py                     # the default budget
+    python benchmarks/digits.py --quick             # smoke run (prints only)
+    python benchmarks/digits.py --steps 1500 --seeds 3 --models impflow resflow
+
+Results go to ``benchmarks/results/digits.json`` and ``digits.md`` (``--name`` changes the file
+stem); the JSON is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine, write  # noqa: E402
+
+from impflow import theory  # noqa: E402
+from impflow.data.images import bits_per_dim, dequantize, load_digits  # noqa: E402
+from impflow.logdet import exact_logdet  # noqa: E402
+from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
+from impflow.solvers import SolverConfig  # noqa: E402
+
+MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
+SHAPE = (1, 8, 8)
+DIM = 64
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--seeds", type=int, default=2, help="number of seeds (seed-start, seed-start + 1, …)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (to run seeds in separate processes)")
+    p.add_argument(
+        "--merge", nargs="+", default=None, metavar="STEM",
+        help="no training: merge results/STEM.json files (same settings, different seeds) into --name",
+    )
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--hidden", type=int, default=32, help="channels inside each ResFlow/ImpFlow g")
+    p.add_argument("--impflow-blocks", type=int, default=2, help="per scale; ResFlow gets twice as many")
+    p.add_argument("--coeff", type=float, default=0.97)
+    p.add_argument("--alpha", type=float, default=0.05, help="logit α of the preprocessing")
+    p.add_argument("--solver", choices=("fixed_point", "broyden"), default="broyden")
+    p.add_argument("--train-tol", type=float, default=None, help="ImpFlow solver tol in training (default 1e-6)")
+    p.add_argument("--flow-steps", type=int, default=4, help="Glow/DLF steps per level, NSF steps")
+    p.add_argument("--eval-every", type=int, default=0, help="also record test bits/dim every k steps")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 20 steps, prints only")
+    p.add_argument("--name", default=None, help="results file stem (default digits)")
+    args = p.parse_args(argv)
+    args.no_write = args.quick and args.name is None
+    args.name = args.name or "digits"
+    if args.quick:
+        args.seeds, args.steps = 1, 20
+    return args
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(name: str, args: argparse.Namespace, hidden: int | None = None) -> torch.nn.Module:
+    """Model ``name``; ``hidden`` overrides the width of Glow/NSF/DLF (matched to ResFlow)."""
+    n = args.impflow_blocks
+    if name in ("impflow", "resflow"):
+        solver = SolverConfig(method=args.solver, tol=args.train_tol)
+        builder = image_impflow if name == "impflow" else image_resflow
+        blocks = (n, n, n) if name == "impflow" else (2 * n, 2 * n, 2 * n)
+        return builder(SHAPE, blocks, hidden=args.hidden, coeff=args.coeff, logdet="neumann", solver=solver)
+    h = hidden if hidden is not None else 64
+    if name == "glow":
+        return glow(shape=SHAPE, steps=args.flow_steps, levels=2, hidden=h)
+    if name == "dlf":
+        return dlf(shape=SHAPE, steps=args.flow_steps, levels=2, hidden=h)
+    return nsf(DIM, steps=args.flow_steps, hidden=h)
+
+
+def matched_hidden(name: str, args: argparse.Namespace, target: int) -> int:
+    """The width of ``name`` whose parameter count is closest to ``target``."""
+    count = lambda h: n_params(build(name, args, h))
+    lo, hi = 2, 1024  # parameter counts grow with the width: bisect, then take the nearer end
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
+    return min((lo, hi), key=lambda h: abs(count(h) - target))
+
+
+def to_input(name: str, y: torch.Tensor) -> torch.Tensor:
+    return y.flatten(1) if name == "nsf" else y
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, name: str, y: torch.Tensor, ladj: torch.Tensor, batch: int = 120) -> dict:
+    """bits/dim (mean, standard error over images), exact log-dets, solver tol 1e-6."""
+    model.eval()
+    with exact_logdet():
+        lp = torch.cat([model.log_prob(to_input(name, y[i : i + batch])) for i in range(0, len(y), batch)])
+    model.train()
+    bpd = bits_per_dim(lp, ladj, DIM, 17)
+    return {"bpd": float(bpd.mean()), "bpd_se": float(bpd.std() / math.sqrt(len(bpd))), "finite": bool(torch.isfinite(bpd).all())}
+
+
+def baselines(pre, data, test_y, test_ladj, gen_seed: int) -> dict:
+    """Best affine flow (Gaussian fit on dequantised, preprocessed train data) and the oracle."""
+    x_tr = dequantize(data.train_images, data.levels, torch.Generator().manual_seed(gen_seed))
+    y_tr, _ = pre(x_tr)
+    g = theory.gaussian_nll(y_tr.double().flatten(1), test_y.double().flatten(1))
+    scale = DIM * math.log(2)
+    term = DIM * math.log(data.levels)
+    ladj = float(test_ladj.double().mean())
+    gauss_bpd = (g["test_nll"] - ladj + term) / scale
+    # oracle on the same preprocessed test images: its NLL is of y; add the same logit ladj and K^D terms
+    orc = theory.linear_oracle_nll(test_y.double(), squeeze=2, levels=None)
+    oracle_bpd = (float(orc["mean_nll"]) - ladj + term) / scale
+    return {
+        "gaussian_test_bpd": gauss_bpd,
+        "gaussian_test_bpd_se": g["test_nll_se"] / scale,
+        "gaussian_train_bpd": (g["nll"] - ladj + term) / scale,
+        "linear_oracle_test_bpd": oracle_bpd,
+        "note": "bpd = (NLL_y − mean logit ladj + 64 ln 17)/(64 ln 2); Gaussian fitted on train y "
+        "(one dequantisation), scored on the same test y as the flows; the oracle fits each image "
+        "to itself (squeeze 2: 16 positions × 4 channels) and is no model",
+    }
+
+
+def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> dict:
+    torch.manual_seed(seed)
+    model = build(name, args, hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(1000 + seed)  # batches and dequantisation: the same for every model
+    n = len(data.train_images)
+    curve, losses = [], []
+    t0 = time.perf_counter()
+    nonfinite = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, args.steps + 1):
+            idx = torch.randint(0, n, (args.batch,), generator=gen)
+            y, _ = pre(dequantize(data.train_images[idx], data.levels, gen))
+            loss = -model.log_prob(to_input(name, y)).mean()
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                curve.append({"step": step, "test_bpd": evaluate(model, name, *test)["bpd"]})
+        train_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        te = evaluate(model, name, *test)
+        eval_time = time.perf_counter() - t1
+        # train bits/dim on a fixed subset as large as the test set (exact log-dets are slow)
+        x_tr = dequantize(data.train_images[: len(data.test_images)], data.levels, torch.Generator().manual_seed(77))
+        tr = evaluate(model, name, *pre(x_tr))
+    solver_warnings = sum("converge" in str(w.message) or "solve" in str(w.message) for w in caught)
+    last = losses[-50:]
+    rec = {
+        "model": name, "seed": seed, "params": n_params(model), "hidden": hidden if hidden else args.hidden,
+        "steps": args.steps, "test_bpd": te["bpd"], "test_bpd_se": te["bpd_se"], "test_finite": te["finite"],
+        "train_bpd": tr["bpd"],  # first 359 training images "train_loss_last50_nats": sum(last) / len(last) if last else None,
+        "nonfinite_steps": nonfinite, "solver_warnings": solver_warnings,
+        "train_time_s": train_time, "eval_time_s": eval_time, "curve": curve,
+    }
+    return rec
+
+
+def summarise(runs: list[dict], models: list[str]) -> list[dict]:
+    rows = []
+    for m in models:
+        rs = [r for r in runs if r["model"] == m]
+        if not rs:
+            continue
+        v = [r["test_bpd"] for r in rs]
+        rows.append({
+            "model": m, "n": len(rs), "params": rs[0]["params"], "hidden": rs[0]["hidden"],
+            "test_bpd_mean": statistics.mean(v), "test_bpd_std": statistics.stdev(v) if len(v) > 1 else 0.0,
+            "test_bpds": v, "train_bpd_mean": statistics.mean(r["train_bpd"] for r in rs),
+            "train_time_s_mean": statistics.mean(r["train_time_s"] for r in rs),
+        })
+    return rows
+
+
+def comparison(runs: list[dict]) -> dict | None:
+    """ImpFlow − ResFlow test bits/dim, paired by seed."""
+    imp = {r["seed"]: r["test_bpd"] for r in runs if r["model"] == "impflow"}
+    res = {r["seed"]: r["test_bpd"] for r in runs if r["model"] == "resflow"}
+    seeds = sorted(set(imp) & set(res))
+    if not seeds:
+        return None
+    d = [imp[s] - res[s] for s in seeds]
+    return {
+        "seeds": seeds, "diffs": d, "mean_diff": statistics.mean(d),
+        "std_diff": statistics.stdev(d) if len(d) > 1 else None,
+        "impflow_wins": f"{sum(x < 0 for x in d)}/{len(d)}",
+    }
+
+
+def markdown(payload: dict) -> str:
+    a, b = payload["settings"], payload["baselines"]
+    lines = [
+        "# Digits 8×8: bits/dim at matched parameters and steps",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Wall time: {payload['wall_time_s'] / 60:.1f} min{' (summed over the merged runs, which ran in parallel)' if payload.get('merged_from') else ''} ({payload['machine']['threads']} thread(s), "
+        f"torch {payload['machine']['torch']}, {payload['machine']['date']}; shared CPU, times are only "
+        "comparable as ratios within this run)",
+        "",
+        f"Data: sklearn digits as (1, 8, 8), split seed {a['split_seed']} ({payload['data']['n_train']} train / "
+        f"{payload['data']['n_test']} test), 17 levels, uniform dequantisation, logit α = {a['alpha']}; "
+        "bits/dim include the logit Jacobian and the 64·ln 17 scaling.  ",
+        f"Training: Adam lr {a['lr']}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
+        f"{a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
+        f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
+        f"kernels 3-1-3, coeff {a['coeff']}, LipSwish, ActNorm after every block, no factor-out), Neumann log-det "
+        f"gradients in training, exact log-dets at evaluation; ImpFlow solver {a['solver']} "
+        f"(train tol {a['train_tol'] if a['train_tol'] is not None else '1e-6 default'}). Glow/DLF: image form, "
+        f"2 levels × {a['flow_steps']} steps; NSF: vector form on the 64 flattened values "
+        f"({a['flow_steps']} spline-coupling steps; no image form exists). Their widths are set to match ResFlow's parameters.",
+        "",
+        "| model | test bits/dim (mean ± std over seeds) | per-seed | train bits/dim | params | width | steps | train s/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["summary"]:
+        lines.append(
+            f"| {r['model']} | {r['test_bpd_mean']:.4f} ± {r['test_bpd_std']:.4f} | "
+            + ", ".join(f"{v:.4f}" for v in r["test_bpds"])
+            + f" | {r['train_bpd_mean']:.4f} | {r['params']} | {r['hidden']} | {a['steps']} | {r['train_time_s_mean']:.0f} |"
+        )
+    lines += [
+        f"| best affine flow (Gaussian fit) | {b['gaussian_test_bpd']:.4f} (± {b['gaussian_test_bpd_se']:.4f} s.e. over images) | | "
+        f"{b['gaussian_train_bpd']:.4f} | closed form | | | |",
+        f"| linear oracle (per image, not a model) | {b['linear_oracle_test_bpd']:.4f} | | | | | | |",
+        "",
+    ]
+    c = payload["comparison"]
+    if c is not None:
+        sd = f"{c['std_diff']:.4f}" if c["std_diff"] is not None else "n/a"
+        lines.append(
+            f"ImpFlow − ResFlow test bits/dim, paired by seed: mean {c['mean_diff']:+.4f} (std {sd}; per seed "
+            + ", ".join(f"{d:+.4f}" for d in c["diffs"])
+            + f"); ImpFlow better in {c['impflow_wins']} seeds."
+        )
+    pr = {r["model"]: r["params"] for r in payload["summary"]}
+    if "resflow" in pr:
+        dev = {m: 100 * (p - pr["resflow"]) / pr["resflow"] for m, p in pr.items()}
+        lines.append("Parameter deviation from ResFlow: " + ", ".join(f"{m} {d:+.1f}%" for m, d in dev.items()) + ".")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def merge(args: argparse.Namespace, command: str) -> dict:
+    """One result from per-seed-range result files (their runs pooled; settings must agree)."""
+    import json
+
+    parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in args.merge]
+    keys = ("models", "steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps", "split_seed")
+    for q in parts[1:]:
+        if any(q["settings"][k] != parts[0]["settings"][k] for k in keys):
+            raise SystemExit("the merged results were run with different settings")
+    runs = [r for q in parts for r in q["runs"]]
+    settings = dict(parts[0]["settings"], seeds=len({r["seed"] for r in runs}), seed_start=min(r["seed"] for r in runs))
+    out = dict(
+        parts[0], command=command + "  (merging: " + "; ".join(q["command"] for q in parts) + ")",
+        settings=settings, wall_time_s=sum(q["wall_time_s"] for q in parts),
+        summary=summarise(runs, settings["models"]), comparison=comparison(runs), runs=runs,
+        merged_from=list(args.merge),
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.merge:
+        cmd = "python benchmarks/digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        out = merge(args, cmd)
+        md = markdown(out)
+        print(md)
+        write(args.name, out)
+        (RESULTS / f"{args.name}.md").write_text(md)
+        return out
+    torch.set_num_threads(args.threads)
+    data = load_digits(seed=args.split_seed)
+    pre = data.preprocess(args.alpha)
+    x_test = dequantize(data.test_images, data.levels, torch.Generator().manual_seed(12345))
+    test = pre(x_test)
+    base = baselines(pre, data, *test, gen_seed=54321)
+    command = "python benchmarks/digits.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    target = n_params(build("resflow", args))
+    hidden = {m: matched_hidden(m, args, target) for m in args.models if m not in ("impflow", "resflow")}
+    print(f"ResFlow params {target}; matched widths {hidden}", flush=True)
+    print(f"best affine (Gaussian) test bits/dim {base['gaussian_test_bpd']:.4f}", flush=True)
+    runs: list[dict] = []
+    start = time.perf_counter()
+
+    def payload() -> dict:
+        return {
+            "benchmark": "digits",
+            "command": command,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("name", "no_write")},
+            "data": {"name": "digits", "n_train": len(data.train_images), "n_test": len(data.test_images)},
+            "machine": machine(),
+            "wall_time_s": time.perf_counter() - start,
+            "baselines": base,
+            "summary": summarise(runs, args.models),
+            "comparison": comparison(runs),
+            "runs": runs,
+        }
+
+    for seed in range(args.seed_start, args.seed_start + args.seeds):
+        for m in args.models:
+            rec = run_one(args, m, seed, data, pre, test, hidden.get(m))
+            runs.append(rec)
+            print(
+                f"seed {seed} {m:8s} params {rec['params']} test {rec['test_bpd']:.4f} ± {rec['test_bpd_se']:.4f} "
+                f"train {rec['train_bpd']:.4f} {rec['train_time_s']:.0f}s warn {rec['solver_warnings']}",
+                flush=True,
+            )
+            if not args.no_write:
+                write(args.name, payload())
+    out = payload()
+    md = markdown(out)
+    print()
+    print(md)
+    if not args.no_write:
+        path = write(args.name, out)
+        (RESULTS / f"{args.name}.md").write_text(md)
+        print(f"wrote {path} and {RESULTS / (args.name + '.md')}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
