@@ -53,3 +53,41 @@ def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def train_steps(
+    model: torch.nn.Module,
+    loss_fn,
+    data: torch.Tensor,
+    steps: int,
+    batch: int = 256,
+    lr: float = 1e-3,
+    labels: torch.Tensor | None = None,
+    seed: int = 0,
+) -> float:
+    """Adam on minibatches drawn (seeded) from ``data`` (and ``labels``);
+    ``loss_fn(model, x_batch, labels_batch_or_None)``; returns the last minibatch loss."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        i = torch.randint(len(data), (batch,), generator=g)
+        loss = loss_fn(model, data[i].to(dtype), None if labels is None else labels[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def digits_vectors(digits, split: str = "train", seed: int = 0) -> torch.Tensor:
+    """64-D digits vectors: uniformly dequantised (seeded) images of ``digits`` (an
+    :class:`impflow.data.images.ImageData`) flattened and standardised with the training
+    split's per-pixel mean and std (constant pixels: std 1)."""
+    x, _ = digits.tensors(split, generator=torch.Generator().manual_seed(seed))
+    ref, _ = digits.tensors("train", generator=torch.Generator().manual_seed(0))
+    ref = ref.flatten(1)
+    std = ref.std(dim=0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return (x.flatten(1) - ref.mean(dim=0)) / std

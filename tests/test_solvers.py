@@ -8,6 +8,7 @@ from impflow.solvers import (
     ConvergenceWarning,
     SolverConfig,
     find_root,
+    resolve_method,
     solve_residual,
 )
 
@@ -78,7 +79,9 @@ def test_nan_row_is_reported_and_does_not_leak():
         return torch.where((rows == 0)[:, None], torch.full_like(f, float("nan")), f)
 
     with pytest.warns(ConvergenceWarning, match="1 of 8 samples"):
-        x, stats = find_root(F, torch.zeros_like(b), SolverConfig(tol=1e-12, max_iter=30, fallback_iter=5))
+        x, stats = find_root(
+            F, torch.zeros_like(b), SolverConfig(method="broyden", tol=1e-12, max_iter=30, fallback_iter=5)
+        )
     assert stats.converged == 7
     assert torch.isfinite(x[1:]).all()
     exact = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
@@ -92,7 +95,8 @@ def test_non_convergence_raises_with_worst_residual():
         find_root(F, torch.zeros_like(b), cfg)
 
 
-def test_tolerance_below_float32_resolution_is_still_met():
+@pytest.mark.parametrize("method", ["auto", "broyden", "fixed_point"])
+def test_tolerance_below_float32_resolution_is_still_met(method):
     F64, _, b = linear_system(strength=0.7)
 
     def F(x, idx):
@@ -100,7 +104,8 @@ def test_tolerance_below_float32_resolution_is_still_met():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        x, stats = find_root(F, torch.zeros_like(b).float(), SolverConfig(tol=1e-12), scale=b.float().norm(dim=1))
+        cfg = SolverConfig(method=method, tol=1e-12)
+        x, stats = find_root(F, torch.zeros_like(b).float(), cfg, scale=b.float().norm(dim=1))
     assert stats.converged == stats.batch
 
 
@@ -152,7 +157,125 @@ def test_implicit_backward_matches_unrolled_fixed_point():
 
 
 def test_solver_config_validation():
-    with pytest.raises(ValueError, match="unknown solver method"):
+    with pytest.raises(ValueError, match="unknown solver method 'newton'; use 'auto', 'broyden' or 'fixed_point'"):
         SolverConfig(method="newton")
+    with pytest.raises(ValueError, match="unknown solver method"):
+        SolverConfig(method="Broyden")
     with pytest.raises(ValueError, match="on_failure"):
         SolverConfig(on_failure="explode")
+
+
+def mlp_problem(B, n, dtype, strength=0.9, seed=3):
+    """F(z) = z + g(z) − y with g a tanh MLP of Lipschitz constant ``strength``; rows of y at
+    scales 0.1 … 10 so that the per-sample stopping matters."""
+    gen = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(32, n, generator=gen, dtype=D)
+    W2 = torch.randn(n, 32, generator=gen, dtype=D)
+    W1 = W1 / torch.linalg.matrix_norm(W1, ord=2)
+    W2 = strength * W2 / torch.linalg.matrix_norm(W2, ord=2)
+    b1 = torch.randn(32, generator=gen, dtype=D)
+    W1, W2, b1 = W1.to(dtype), W2.to(dtype), b1.to(dtype)
+    y = (torch.randn(B, n, generator=gen, dtype=D) * torch.logspace(-1, 1, B, dtype=D)[:, None]).to(dtype)
+
+    def g(z):
+        return torch.tanh(z @ W1.T + b1) @ W2.T
+
+    def F(z, idx):
+        return z + g(z) - (y if idx is None else y[idx])
+
+    return F, g, y
+
+
+def test_auto_resolves_by_size_and_shape():
+    """The documented rule: Broyden for vector rows of at most AUTO_BROYDEN_MAX_DIM entries in
+    any dtype, fixed point (with the adaptive hand-over) for longer or image-shaped rows;
+    explicit methods pass through."""
+    from impflow.solvers import AUTO_BROYDEN_MAX_DIM as small
+
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        assert resolve_method("auto", torch.zeros(3, 2, dtype=dtype)) == "broyden"
+        assert resolve_method("auto", torch.zeros(3, small, dtype=dtype), (small,)) == "broyden"
+        assert resolve_method("auto", torch.zeros(3, small + 1, dtype=dtype)) == "fixed_point"
+        assert resolve_method("auto", torch.zeros(3, 16, dtype=dtype), (1, 4, 4)) == "fixed_point"
+        assert resolve_method("auto", torch.zeros(3, 1024, dtype=dtype), (16, 8, 8)) == "fixed_point"
+        for m in ("broyden", "fixed_point"):
+            assert resolve_method(m, torch.zeros(3, 2, dtype=dtype)) == m
+            assert resolve_method(m, torch.zeros(3, 1024, dtype=dtype), (16, 8, 8)) == m
+    with pytest.raises(ValueError, match="unknown solver method"):
+        resolve_method("newton", torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_hands_slow_contractions_to_broyden(dtype):
+    """n = 24 > AUTO_BROYDEN_MAX_DIM: auto starts with fixed point. A strongly contracting problem
+    stays with it; one contracting at rate 0.9 goes to Broyden after the probe and needs far
+    fewer evaluations than fixed point alone."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    F_fast, _, b = linear_system(n=24, strength=0.3)
+    F_slow, _, _ = linear_system(n=24, strength=0.9)
+
+    def cast(F):
+        return lambda x, idx: F(x.double(), idx).to(dtype)
+
+    x0 = torch.zeros_like(b, dtype=dtype)
+    _, fast = find_root(cast(F_fast), x0, SolverConfig(tol=tol))
+    assert fast.method == "fixed_point" and fast.converged == fast.batch
+    _, slow = find_root(cast(F_slow), x0, SolverConfig(tol=tol, on_failure="raise"))
+    _, fp = find_root(cast(F_slow), x0, SolverConfig(method="fixed_point", tol=tol, max_iter=5000))
+    assert slow.method == "fixed_point+broyden" and slow.converged == slow.batch
+    assert fp.converged == fp.batch
+    assert 2 * slow.evaluations < fp.evaluations
+
+
+@pytest.mark.parametrize(
+    "dtype,n,expected",
+    [(torch.float64, 5, "broyden"), (torch.float32, 5, "broyden"), (torch.float32, 40, "fixed_point")],
+)
+def test_default_config_is_auto_and_stats_name_the_resolved_method(dtype, n, expected):
+    assert SolverConfig().method == "auto"
+    F, _, y = mlp_problem(16, n, dtype, strength=0.5)
+    _, stats = find_root(F, y.clone(), SolverConfig(), scale=y.norm(dim=1))
+    assert stats.method == expected
+    assert stats.converged == stats.batch
+
+
+@pytest.mark.parametrize("method", ["broyden", "fixed_point", "auto"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_every_method_meets_the_tolerance_per_sample(method, dtype, tol):
+    """Every row's own residual (recomputed independently of the solver) is below tol, for
+    rows whose right-hand sides span two orders of magnitude."""
+    F, g, y = mlp_problem(40, 12, dtype, strength=0.95)
+    z, stats = find_root(F, y.clone(), SolverConfig(method=method, tol=tol, on_failure="raise"))
+    assert z.dtype == dtype
+    assert stats.converged == stats.batch == 40
+    res = (z + g(z) - y).norm(dim=1)
+    assert (res <= tol).all(), res.max()
+    assert stats.max_residual <= tol
+    # the per-sample stop: not every row needed the maximal number of iterations
+    assert stats.mean_iterations < stats.iterations
+
+
+@pytest.mark.parametrize("method", ["broyden", "fixed_point"])
+def test_rows_converging_at_different_times_keep_their_own_solutions(method):
+    """Rows retire from the iteration as they converge; the rows that stay must keep being
+    solved for their own right-hand side (checks the bookkeeping of the compact active set)."""
+    F, g, y = mlp_problem(50, 7, torch.float64, strength=0.9, seed=5)
+    z, stats = find_root(F, y.clone(), SolverConfig(method=method, tol=1e-11, on_failure="raise"))
+    ref = y.clone()
+    for _ in range(2000):  # plain fixed-point iteration of the whole batch, to convergence
+        ref = y - g(ref)
+    assert (z - ref).abs().max() < 1e-9
+    assert stats.iterations > stats.mean_iterations
+
+
+def test_auto_switches_sooner_for_image_shaped_rows():
+    """A solve that fixed point finishes in ~17 iterations: vector rows stay with fixed point,
+    the same rows declared image-shaped (event_shape (C, H, W)) go to Broyden after the probe."""
+    F, _, b = linear_system(n=24, strength=0.4)
+    x0 = torch.zeros_like(b)
+    _, vec = find_root(F, x0, SolverConfig(tol=1e-6))
+    _, img = find_root(F, x0, SolverConfig(tol=1e-6), event_shape=(6, 2, 2))
+    _, fp = find_root(F, x0, SolverConfig(method="fixed_point", tol=1e-6))
+    assert vec.method == "fixed_point" and vec.evaluations == fp.evaluations
+    assert img.method == "fixed_point+broyden" and img.evaluations < fp.evaluations
+    assert vec.converged == img.converged == vec.batch

@@ -6,7 +6,8 @@ The one operation every residual/implicit block needs is
 
 used by the ResFlow inverse and by both directions of the ImpFlow block. :func:`find_root`
 solves a batch of independent systems F(x) = 0 (F maps row i of x to row i of the residual)
-with Broyden's method or fixed-point iteration x ← x − F(x), stopping *per sample* when
+with Broyden's method or fixed-point iteration x ← x − F(x) (by default "auto" picks per solve,
+see :func:`resolve_method`), stopping *per sample* when
 ‖F(x_i)‖₂ ≤ max(tol, 8·eps·(1 + ‖scale_i‖)) - the floor keeps a tolerance below the dtype's
 resolution reachable. :func:`solve_residual` wraps it with a backward pass that never
 differentiates through the iterations: with G(z) = z + g(z) and z* its root,
@@ -20,7 +21,7 @@ and otherwise by the same root finder on u ↦ u + u J_g(z*) − ∂L/∂z.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -36,6 +37,8 @@ __all__ = [
     "find_root",
     "solve_residual",
     "default_tol",
+    "resolve_method",
+    "AUTO_BROYDEN_MAX_DIM",
 ]
 
 Residual = Callable[[Tensor, Tensor | None], Tensor]
@@ -55,24 +58,78 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else 1e-6
 
 
+METHODS = ("auto", "broyden", "fixed_point")
+
+AUTO_BROYDEN_MAX_DIM = 16
+"""``method="auto"`` runs Broyden from the start for vector rows of at most this many entries."""
+
+AUTO_PROBE_ITERS = 4
+"""Otherwise "auto" starts with this many fixed-point iterations, which measure the contraction."""
+
+AUTO_SWITCH_ITERS = {"vector": 20.0, "image": 5.0}
+"""… and hands the unconverged rows to Broyden when fixed point is predicted to need more than
+this many further iterations (median over those rows): few for image-shaped rows (a conv g costs
+far more per entry than Broyden's vector updates), many for vectors."""
+
+
+def resolve_method(method: str, x: Tensor, event_shape: Sequence[int] | None = None) -> str:
+    """The method a solve of the rows x (batch, n) starts with: ``method`` unless it is "auto".
+
+    "auto" (the default) resolves to ``"broyden"`` for vector rows (``event_shape`` None or
+    1-D) with n ≤ :data:`AUTO_BROYDEN_MAX_DIM`, in any dtype, else to ``"fixed_point"``, which under
+    "auto" hands over to Broyden when the observed contraction is slow (see :func:`find_root`;
+    the stats then name ``"fixed_point+broyden"``). The rule comes from ``benchmarks/solver.py``
+    (results/solver.md): Broyden's cost per iteration beyond its g evaluation (low-rank
+    products and ~18 elementwise passes over the rows) is repaid only where it saves enough
+    evaluations - on low-dimensional problems, where its Jacobian model is accurate after a few
+    steps, and on slowly contracting ones, where "slow" starts much earlier for image-shaped
+    rows (a conv g costs far more per entry) than for vectors (a cheap MLP g).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown solver method {method!r}; use 'auto', 'broyden' or 'fixed_point'")
+    if method != "auto":
+        return method
+    small = x.dim() == 2 and x.shape[1] <= AUTO_BROYDEN_MAX_DIM and not _is_image(event_shape)
+    return "broyden" if small else "fixed_point"
+
+
+def _is_image(event_shape: Sequence[int] | None) -> bool:
+    return event_shape is not None and len(event_shape) >= 2
+
+
+def _predicted_iterations(prev: Tensor, res: Tensor, thresh: Tensor) -> float:
+    """Median over the unconverged (finite) rows of the fixed-point iterations still needed,
+    log(thresh/‖F‖)/log(ρ), with ρ = ‖F_k‖/‖F_{k−1}‖ the last observed contraction (ρ ≥ 1: ∞)."""
+    act = (res > thresh) & torch.isfinite(res) & torch.isfinite(prev) & (prev > 0)
+    if not bool(act.any()):
+        return 0.0
+    rate = res[act] / prev[act]
+    need = torch.log(thresh[act] / res[act]) / torch.log(rate.clamp(max=1.0))  # −/− ≥ 0; ρ = 1: ∞
+    need = torch.where(rate < 1, need, torch.full_like(need, float("inf")))
+    need = torch.nan_to_num(need, nan=float("inf"))  # thresh = 0 (fixed budgets): log 0 = −∞
+    return float(need.median())
+
+
 @dataclass
 class SolverConfig:
     """Settings of a root solve.
 
     Attributes:
-        method: ``"broyden"`` (quasi-Newton with Armijo line search) or ``"fixed_point"``.
+        method: ``"auto"`` (default: picks per solve, see :func:`resolve_method`), ``"broyden"``
+            (quasi-Newton with Armijo line search) or ``"fixed_point"``.
         tol: absolute tolerance on each sample's ‖F‖₂; None picks :func:`default_tol`; 0 runs
             exactly ``max_iter`` iterations.
         max_iter: iteration cap of the main method.
         memory: Broyden rank; the low-rank inverse-Jacobian restarts from I when full.
         line_search: Armijo backtracking (α = 1, ½, ¼) on ½‖F‖², then a fixed-point step.
-        fallback_iter: fixed-point iterations for samples Broyden leaves unconverged.
+        fallback_iter: iterations of the other method for samples the main one leaves
+            unconverged: fixed point after Broyden, Broyden after "auto"'s fixed point.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when samples stay above tolerance.
         backward_tol: relative tolerance (‖residual‖ ≤ backward_tol·‖∂L/∂z‖) of the iterative
             backward solve; None picks :func:`default_tol`.
     """
 
-    method: Literal["broyden", "fixed_point"] = "broyden"
+    method: Literal["auto", "broyden", "fixed_point"] = "auto"
     tol: float | None = None
     max_iter: int = 100
     memory: int = 32
@@ -82,8 +139,8 @@ class SolverConfig:
     backward_tol: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("broyden", "fixed_point"):
-            raise ValueError(f"unknown solver method {self.method!r}; use 'broyden' or 'fixed_point'")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown solver method {self.method!r}; use 'auto', 'broyden' or 'fixed_point'")
         if self.on_failure not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {self.on_failure!r}")
         if self.max_iter < 1 or self.memory < 1:
@@ -95,7 +152,12 @@ class SolverConfig:
 
 @dataclass
 class SolverStats:
-    """What one solve did. Iteration counts are per sample; ``calls`` counts batched F calls."""
+    """What one solve did. Iteration counts are per sample; ``calls`` counts batched F calls.
+
+    ``method`` is what ran (``"auto"`` resolved): ``"broyden"``, ``"fixed_point"`` or
+    ``"fixed_point+broyden"`` (auto's fixed point handed over to Broyden); ``fallback`` counts
+    the rows the main method left to the fallback method.
+    """
 
     method: str
     batch: int
@@ -149,35 +211,90 @@ def _norm(f: Tensor) -> Tensor:
     return torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf")))
 
 
-def _active(res: Tensor, thresh: Tensor) -> tuple[Tensor, slice | Tensor, Tensor | None]:
-    """Unconverged rows: (indices, a selector for them, the index to pass to F).
+class _Rows:
+    """The unconverged rows of a solve, held compactly.
 
-    While every row is active the selector is a plain slice (views, no gather/scatter) and F
-    gets ``None``.
+    ``rows`` are their batch indices; ``x``, ``fx``, ``res``, ``thresh`` their iterate, residual,
+    residual norm and tolerance. Converged rows are written back to the caller's full tensors
+    and dropped (:meth:`retire`), so an iteration touches only the active rows and never gathers
+    or scatters the whole batch; while every row is active F gets ``idx=None``.
     """
-    act = (res > thresh).nonzero().flatten()
-    if act.numel() == res.numel():
-        return act, slice(None), None
-    return act, act, act
+
+    def __init__(self, x: Tensor, fx: Tensor, res: Tensor, thresh: Tensor, iters: Tensor) -> None:
+        self.out = (x, fx, res)
+        self.iters = iters
+        self.batch = x.shape[0]
+        self.rows = (res > thresh).nonzero().flatten()
+        if self.rows.numel() == self.batch:  # all active: work on copies, no gather
+            self.x, self.fx, self.res, self.thresh = x.clone(), fx.clone(), res.clone(), thresh
+        else:
+            r = self.rows
+            self.x, self.fx, self.res, self.thresh = x[r], fx[r], res[r], thresh[r]
+
+    @property
+    def count(self) -> int:
+        return self.rows.numel()
+
+    @property
+    def idx(self) -> Tensor | None:
+        """The index to pass to F: None while every row of the batch is active."""
+        return None if self.count == self.batch else self.rows
+
+    def step(self, x: Tensor, fx: Tensor, res: Tensor) -> Tensor | None:
+        """Accept one iteration of every active row; returns the positions (in the compact
+        arrays) of the rows that stay active, or None when all do."""
+        self.x, self.fx, self.res = x, fx, res
+        self.iters[self.rows] += 1
+        done = res <= self.thresh
+        if not bool(done.any()):
+            return None
+        self._write(done.nonzero().flatten())
+        keep = (~done).nonzero().flatten()
+        self.rows, self.thresh = self.rows[keep], self.thresh[keep]
+        self.x, self.fx, self.res = x[keep], fx[keep], res[keep]
+        return keep
+
+    def _write(self, pos: Tensor) -> None:
+        x, fx, res = self.out
+        r = self.rows[pos]
+        x[r], fx[r], res[r] = self.x[pos], self.fx[pos], self.res[pos]
+
+    def finish(self) -> None:
+        """Write the rows still active back to the caller's tensors."""
+        if self.count:
+            self._write(torch.arange(self.count, device=self.rows.device))
 
 
 def _fixed_point(
     F: _Counter, x: Tensor, fx: Tensor, res: Tensor, thresh: Tensor, iters: Tensor, max_iter: int
 ) -> None:
     """x ← x − F(x) on the unconverged rows, in place."""
+    a = _Rows(x, fx, res, thresh, iters)
     for _ in range(max_iter):
-        act, sel, idx = _active(res, thresh)
-        if act.numel() == 0:
-            return
-        xn = x[sel] - fx[sel]
-        fn = F(xn, idx)
-        x[sel], fx[sel], res[sel] = xn, fn, _norm(fn)
-        iters[sel] += 1
+        if a.count == 0:
+            break
+        xn = a.x - a.fx
+        fn = F(xn, a.idx)
+        a.step(xn, fn, _norm(fn))
+    a.finish()
 
 
-def _bmv(A: Tensor, v: Tensor) -> Tensor:
-    """Batched matrix-vector product: A (b, n, m), v (b, m) -> (b, n)."""
-    return torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
+def _low_rank(A: list[Tensor], C: list[Tensor], v: Tensor, add: Tensor) -> Tensor:
+    """add + Σ_j a_j (c_j · v) per row, for lists of (b, n) vectors a_j, c_j; v, add (b, n).
+
+    One dot product and one fused multiply-add per j, each a single pass over (b, n): on CPU
+    this is about 3× faster than ``bmm`` on (b, k, n) stacks, whose b separate thin
+    matrix-vector products are dominated by per-product overhead.
+    """
+    out = add
+    for a, c in zip(A, C):
+        out = torch.addcmul(out, a, _dot(c, v))
+    return out
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products (b, 1)."""
+    return (a * b).sum(dim=1, keepdim=True)
 
 
 def _broyden(
@@ -191,31 +308,39 @@ def _broyden(
 ) -> None:
     """Good Broyden on the unconverged rows, in place.
 
-    The inverse Jacobian of F is approximated per sample by H = I + U Vᵀ (F ≈ identity near
-    the root since J_g is a contraction), updated with
+    The inverse Jacobian of F is approximated per sample by H = I + Σ_j u_j v_jᵀ (F ≈ identity
+    near the root since J_g is a contraction), updated with
     H⁺ = H + (s − H y) sᵀH / (sᵀ H y), s = Δx, y = ΔF. Division by a vanishing sᵀ H y skips
-    that sample's update (selected by ``torch.where``, so a NaN never leaks into other rows).
-    Only the columns of U, V filled since the last restart enter the products.
+    that sample's update (u = v = 0, selected so that a NaN never leaks into other rows).
+
+    Cost per iteration besides the batched F call: one low-rank product for w = H f(x_new),
+    which gives both H y = w − H f(x) and, after the rank-one update, the next step
+    −H⁺ f(x_new) = −(w + u (v·f(x_new))), and one for sᵀH; each reads the k stored vector
+    pairs once. With ~18 elementwise passes over the active rows this is O(b·n·(k + 18)) memory
+    traffic per iteration, which is what Broyden must save in evaluations of g to pay off. The
+    vectors of converged rows are dropped when they converge (no per-iteration gathers).
     """
-    B, n = x.shape
-    m = min(config.memory, config.max_iter)
-    U = x.new_zeros(B, n, m)
-    V = x.new_zeros(B, n, m)
+    m = max(1, min(config.memory, config.max_iter))
+    a = _Rows(x, fx, res, thresh, iters)
+    U: list[Tensor] = []  # u_j (b, n) of the updates since the last restart
+    V: list[Tensor] = []
+    hf = None  # H f(x) of the active rows (None: H = I, so H f(x) = f(x))
     tiny = torch.finfo(x.dtype).tiny ** 0.5
-    for k in range(config.max_iter):
-        act, sel, idx = _active(res, thresh)
-        if act.numel() == 0:
-            return
-        col = k % m  # columns [0, col) hold the updates since the last restart
-        xa, fa = x[sel], fx[sel]
-        Ua, Va = U[sel, :, :col], V[sel, :, :col]
-        p = -(fa + _bmv(Ua, _bmv(Va.transpose(1, 2), fa))) if col else -fa
-        p = torch.where(torch.isfinite(p).all(dim=1, keepdim=True), p, -fa)
-        xn = xa + p
-        fn = F(xn, idx)
+    for _ in range(config.max_iter):
+        if a.count == 0:
+            break
+        if len(U) == m:  # memory full: restart from H = I
+            U, V, hf = [], [], None
+        xa, fa, ra = a.x, a.fx, a.res
+        if hf is None:
+            hf = fa
+        elif not bool(torch.isfinite(hf.norm(dim=1)).all()):  # a non-finite step: contraction step instead
+            hf = torch.where(torch.isfinite(hf).all(dim=1, keepdim=True), hf, fa)
+        xn = xa - hf  # the step p = −H f(x)
+        fn = F(xn, a.idx)
         rn = _norm(fn)
         if config.line_search:
-            ra2 = res[sel].pow(2)
+            ra2 = ra.pow(2)
             alpha = 1.0
             for _ in range(2):
                 bad = ~(rn.pow(2) <= (1 - 2e-4 * alpha) * ra2)
@@ -223,31 +348,36 @@ def _broyden(
                     break
                 alpha /= 2
                 b = bad.nonzero().flatten()
-                xn[b] = xa[b] + alpha * p[b]
-                fn[b] = F(xn[b], act[b])
+                xn[b] = xa[b] - alpha * hf[b]
+                fn[b] = F(xn[b], a.rows[b])
                 rn[b] = _norm(fn[b])
             bad = ~(rn.pow(2) <= (1 - 2e-4 * alpha) * ra2)
             if bool(bad.any()):  # no sufficient decrease along p: take a contraction step
                 b = bad.nonzero().flatten()
                 xn[b] = xa[b] - fa[b]
-                fn[b] = F(xn[b], act[b])
+                fn[b] = F(xn[b], a.rows[b])
                 rn[b] = _norm(fn[b])
         s = xn - xa
-        y = fn - fa
-        if col:
-            Hy = y + _bmv(Ua, _bmv(Va.transpose(1, 2), y))
-            sH = s + _bmv(Va, _bmv(Ua.transpose(1, 2), s))
-        else:
-            Hy, sH = y, s
-        den = (s * Hy).sum(dim=1, keepdim=True)
-        ok = den.abs() > tiny * s.norm(dim=1, keepdim=True) * Hy.norm(dim=1, keepdim=True)
-        ok = ok & torch.isfinite(den) & torch.isfinite(Hy).all(dim=1, keepdim=True)
-        ok = ok & torch.isfinite(sH).all(dim=1, keepdim=True)
-        den_safe = torch.where(ok, den, torch.ones_like(den))
-        U[sel, :, col] = torch.where(ok, (s - Hy) / den_safe, torch.zeros_like(s))
-        V[sel, :, col] = torch.where(ok, sH, torch.zeros_like(s))
-        x[sel], fx[sel], res[sel] = xn, fn, rn
-        iters[sel] += 1
+        w = _low_rank(U, V, fn, fn)  # H f(x_new)
+        sH = _low_rank(V, U, s, s)  # Hᵀ s
+        Hy = w - hf
+        den = _dot(s, Hy)
+        hy_norm = Hy.norm(dim=1, keepdim=True)
+        ok = torch.isfinite(den) & torch.isfinite(hy_norm)
+        ok = ok & (den.abs() > tiny * s.norm(dim=1, keepdim=True) * hy_norm)
+        inv = torch.where(ok, 1 / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+        u = (s - Hy) * inv
+        v = sH
+        if not bool(ok.all()):  # zero the skipped rows' vectors (a NaN times 0 is still NaN)
+            u = torch.where(ok, u, torch.zeros_like(u))
+            v = torch.where(ok, v, torch.zeros_like(v))
+        U.append(u)
+        V.append(v)
+        hf = torch.addcmul(w, u, _dot(v, fn))  # H⁺ f(x_new): the next step is −hf
+        keep = a.step(xn, fn, rn)
+        if keep is not None:  # rows converged: keep the others' vectors
+            U, V, hf = [t[keep] for t in U], [t[keep] for t in V], hf[keep]
+    a.finish()
 
 
 @torch.no_grad()
@@ -257,6 +387,7 @@ def find_root(
     config: SolverConfig | None = None,
     scale: Tensor | None = None,
     what: str = "solve",
+    event_shape: Sequence[int] | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Solve F(x) = 0 for a batch of independent systems.
 
@@ -266,10 +397,20 @@ def find_root(
         config: solver settings.
         scale: (batch,) magnitudes that set each row's floor 8·eps·(1 + scale_i) on the tolerance.
         what: a name for messages.
+        event_shape: the shape each row of x flattens (e.g. (C, H, W)); only ``method="auto"``
+            uses it (image-shaped rows hand over to Broyden sooner). None: vectors.
 
     Returns:
         the solution (batch, n) and its :class:`SolverStats`. Rows above tolerance at the end
         warn or raise per ``config.on_failure``.
+
+    ``method="auto"``: Broyden for vector rows of n ≤ :data:`AUTO_BROYDEN_MAX_DIM` entries;
+    otherwise :data:`AUTO_PROBE_ITERS` fixed-point iterations, after which the
+    unconverged rows continue with Broyden if fixed point is predicted (from each row's last
+    contraction ratio) to need more than :data:`AUTO_SWITCH_ITERS` further iterations (median;
+    5 for image-shaped rows, 20 for vectors), else with fixed point, with Broyden for the rows
+    still unconverged after ``max_iter`` iterations. The stats
+    name what ran: ``"broyden"``, ``"fixed_point"`` or ``"fixed_point+broyden"``.
     """
     config = config or SolverConfig()
     if x0.dim() != 2:
@@ -280,24 +421,44 @@ def find_root(
     scale = x0.new_zeros(B) if scale is None else scale.to(x0)
     # tol = 0 asks for exactly max_iter iterations (fixed budgets, benchmarks)
     thresh = torch.clamp(8 * eps * (1 + scale), min=tol) if tol > 0 else torch.zeros_like(scale)
+    method = resolve_method(config.method, x0, event_shape)
     counter = _Counter(F, B)
     x = x0.clone()
     fx = counter(x, None)
     res = _norm(fx)
     iters = torch.zeros(B, dtype=torch.long, device=x0.device)
-    if config.method == "broyden":
+    fallback = 0
+    if method == "broyden":
         _broyden(counter, x, fx, res, thresh, iters, config)
-        left = res > thresh
-        fallback = int(left.sum())
+        fallback = int((res > thresh).sum())
         if fallback and config.fallback_iter > 0:
             _fixed_point(counter, x, fx, res, thresh, iters, config.fallback_iter)
-    else:
-        fallback = 0
+    elif config.method == "fixed_point":
         _fixed_point(counter, x, fx, res, thresh, iters, config.max_iter)
+    else:  # auto: fixed point, handing slowly contracting solves over to Broyden
+        probe = min(AUTO_PROBE_ITERS, config.max_iter)
+        _fixed_point(counter, x, fx, res, thresh, iters, probe - 1)
+        prev = res.clone()
+        _fixed_point(counter, x, fx, res, thresh, iters, 1)
+        rest = config.max_iter - probe
+        if bool((res > thresh).any()):
+            switch = AUTO_SWITCH_ITERS["image" if _is_image(event_shape) else "vector"]
+            if rest > 0 and _predicted_iterations(prev, res, thresh) > switch:
+                method = "fixed_point+broyden"
+                _broyden(counter, x, fx, res, thresh, iters, config.replace(max_iter=rest))
+                fallback = int((res > thresh).sum())
+                if fallback and config.fallback_iter > 0:
+                    _fixed_point(counter, x, fx, res, thresh, iters, config.fallback_iter)
+            else:
+                _fixed_point(counter, x, fx, res, thresh, iters, rest)
+                fallback = int((res > thresh).sum())
+                if fallback and config.fallback_iter > 0:  # the stragglers: Broyden
+                    method = "fixed_point+broyden"
+                    _broyden(counter, x, fx, res, thresh, iters, config.replace(max_iter=config.fallback_iter))
     converged = res <= thresh
     finite_res = torch.where(torch.isfinite(res), res, torch.zeros_like(res))
     stats = SolverStats(
-        method=config.method,
+        method=method,
         batch=B,
         iterations=int(iters.max()) if B else 0,
         mean_iterations=float(iters.float().mean()) if B else 0.0,
@@ -311,7 +472,7 @@ def find_root(
     if stats.failed and config.on_failure != "ignore":
         worst = int(res.argmax())
         msg = (
-            f"{what}: {config.method} left {stats.failed} of {B} samples unconverged after "
+            f"{what}: {method} left {stats.failed} of {B} samples unconverged after "
             f"{stats.iterations} iterations; worst ‖F‖ = {stats.max_residual:.3e} (sample {worst}, "
             f"tolerance {float(thresh[worst]):.1e}). Lip(g) may be too close to 1, or raise max_iter."
         )
@@ -352,7 +513,9 @@ def solve_residual(
 
     start = y_flat if z0 is None else z0.detach().reshape(B, -1)
     with torch.no_grad():
-        z_flat, stats = find_root(residual, start, config, scale=y_flat.norm(dim=1), what="solve (Id + g)(z) = y")
+        z_flat, stats = find_root(
+            residual, start, config, scale=y_flat.norm(dim=1), what="solve (Id + g)(z) = y", event_shape=shape[1:]
+        )
     info = SolveInfo(forward=stats)
     z_star = z_flat.view(shape)
     if not torch.is_grad_enabled():
@@ -390,7 +553,7 @@ def solve_residual(
             return u + uJ - rhs
 
         btol = config.backward_tol if config.backward_tol is not None else default_tol(v.dtype)
-        u, bstats = _find_root_relative(adjoint, v_flat.detach(), config, v_flat.norm(dim=1), btol)
+        u, bstats = _find_root_relative(adjoint, v_flat.detach(), config, v_flat.norm(dim=1), btol, shape[1:])
         info.backward = bstats
         return u.view(shape)
 
@@ -401,7 +564,7 @@ def solve_residual(
 
 
 def _find_root_relative(
-    F: Residual, x0: Tensor, config: SolverConfig, scale: Tensor, rtol: float
+    F: Residual, x0: Tensor, config: SolverConfig, scale: Tensor, rtol: float, event_shape: Sequence[int]
 ) -> tuple[Tensor, SolverStats]:
     """find_root with a per-row tolerance rtol·scale_i (the backward system is linear in ∂L/∂z)."""
     s = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -410,5 +573,7 @@ def _find_root_relative(
         si = s if idx is None else s[idx]
         return F(x * si.unsqueeze(1), idx) / si.unsqueeze(1)
 
-    x, stats = find_root(scaled, x0 / s.unsqueeze(1), config.replace(tol=rtol), what="implicit backward")
+    x, stats = find_root(
+        scaled, x0 / s.unsqueeze(1), config.replace(tol=rtol), what="implicit backward", event_shape=event_shape
+    )
     return x * s.unsqueeze(1), stats
