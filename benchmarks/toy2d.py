@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from impflow.config import parse_hidden
+from impflow.config import parse_hidden, parse_switch
 from impflow.data import toy2d
 from impflow.experiments import fig3
 
@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=parse_hidden, default=fig3.FULL.hidden)
     ap.add_argument("--batch", type=int, default=fig3.FULL.batch_size)
     ap.add_argument("--lr", type=float, default=fig3.FULL.lr)
+    ap.add_argument("--actnorm", type=parse_switch, default=None,
+                    help="true/false for both models (default: the builders' ActNorm before every block; "
+                         "the ImpFlow paper's toy code uses none); false adds -noactnorm to the run folders")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs", type=Path, default=Path("runs/toy2d"), help="where the run directories go")
     ap.add_argument("--threads", type=int, default=1)
@@ -58,14 +61,15 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     base = replace(fig3.FULL, steps=args.steps, hidden=tuple(args.hidden), batch_size=args.batch, lr=args.lr,
-                   warmup=min(fig3.FULL.warmup, args.steps // 10))
+                   warmup=min(fig3.FULL.warmup, args.steps // 10), actnorm=args.actnorm)
+    suffix = "-noactnorm" if args.actnorm is False else ""
     start = time.perf_counter()
     rows = []
     for data in datasets:
         cfg = replace(base, data=data)
         for seed in seeds:
             for model in fig3.MODELS:
-                row = fig3.train_one(args.runs / data / f"{model}-seed{seed}", model, cfg, seed, progress="none")
+                row = fig3.train_one(args.runs / data / f"{model}-seed{seed}{suffix}", model, cfg, seed, progress="none")
                 rows.append(row)
                 print(f"{data} {row['model']} seed {seed}: {row['nll']:.4f} nats ({row['nll_bits']:.4f} bits), "
                       f"{row['wall_seconds']:.0f} s{' (reused)' if row['reused'] else ''}", flush=True)

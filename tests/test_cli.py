@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import impflow
 from impflow import Flow, checkpoint, cli
 from impflow.cli import main
 from impflow.train import Trainer
@@ -109,6 +110,22 @@ def test_demo_prints_eval_and_plots_and_reruns(tmp_path, capsys, request):
     assert code == 0, err
 
 
+@pytest.mark.parametrize("source", ["flag", "yaml"])
+def test_actnorm_switch(tmp_path, capsys, no_plots, source):
+    """--actnorm false (or `actnorm: false` in YAML) builds the flow without ActNorm layers."""
+    args = ["--actnorm", "false"]
+    if source == "yaml":
+        (tmp_path / "run.yaml").write_text("actnorm: false\n")
+        args = ["--config", tmp_path / "run.yaml"]
+    code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--model", "resflow", "--steps", "2",
+                       "--eval-every", "2", *args, *TINY)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model_kwargs"]["actnorm"] is False
+    kinds = {type(t).__name__ for t in impflow.load(tmp_path / "run").transform}
+    assert "ResidualBlock" in kinds and "ActNorm" not in kinds
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -123,6 +140,8 @@ def test_demo_prints_eval_and_plots_and_reruns(tmp_path, capsys, request):
         (["plot", "{tmp}"], "no config.json"),
         (["train", "--out", "{run}", *TINY], "already holds a run"),
         (["train", "--out", "{run}", "--resume", "--blocks", "2"], "--resume cannot change it"),
+        (["train", "--out", "{tmp}/r", "--actnorm", "maybe"], "expected true or false"),
+        (["train", "--out", "{tmp}/r", "--model", "maf", "--actnorm", "false"], "has no setting 'actnorm'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, request, argv, message):

@@ -216,11 +216,11 @@ def test_config_precedence_and_errors(tmp_path):
 
 def test_model_registry_kwargs():
     assert model_kwargs(RunConfig(model="resflow")) == {
-        "blocks": 8, "hidden": [128, 128], "coeff": 0.97, "activation": "lipswish", "logdet": None
+        "blocks": 8, "hidden": [128, 128], "coeff": 0.97, "activation": "lipswish", "actnorm": True, "logdet": None
     }
     if "realnvp" not in model_names():
         pytest.skip("impflow.models.classic not available")
-    assert model_kwargs(RunConfig(model="realnvp", blocks=2, hidden=(32,))) == {"steps": 2, "hidden": 32}
+    assert model_kwargs(RunConfig(model="realnvp", blocks=2, hidden=(32,))) == {"steps": 2, "hidden": 32, "actnorm": None}
     with pytest.raises(ConfigError, match="takes one hidden width"):
         model_kwargs(RunConfig(model="realnvp", hidden=(32, 32)))
     with pytest.raises(ConfigError, match="has no setting 'coeff'"):

@@ -21,7 +21,9 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, has_checkpoint
-from .config import FIELDS, PRESETS, ConfigError, RunConfig, coerce, parse_bool, parse_hidden, preset_help, resolve
+from .config import (
+    FIELDS, PRESETS, ConfigError, RunConfig, coerce, parse_bool, parse_hidden, parse_switch, preset_help, resolve,
+)
 from .train import Trainer, evaluate_run, plot_run, sample_run
 from .train.runs import image_shape, plot_image_grid, read_run
 
@@ -60,7 +62,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         if f.metadata["parse"] is parse_bool:
             group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
-            metavar = {int: "N", float: "X", parse_hidden: "W,W"}.get(f.metadata["parse"], name.upper())
+            metavar = {int: "N", float: "X", parse_hidden: "W,W", parse_switch: "true|false"}.get(f.metadata["parse"], name.upper())
             group.add_argument(flag, type=_arg_type(name), default=argparse.SUPPRESS, metavar=metavar,
                                help=f.metadata["help"] + shown)
     group.add_argument("--config", type=Path, metavar="FILE.yaml",

@@ -118,6 +118,11 @@ def parse_bool(text: str) -> bool:
     raise ConfigError(f"expected true or false, got {text!r}")
 
 
+def parse_switch(text: str) -> bool:
+    """A true/false setting given as a value (``--actnorm false``), unlike the store-true flags."""
+    return parse_bool(text)
+
+
 def _opt(default: Any, help: str, parse: Callable[[str], Any] = str, resumable: bool = False) -> Any:
     """A RunConfig field: ``parse`` reads it from text, ``resumable`` fields may change on --resume."""
     return field(default=default, metadata={"help": help, "parse": parse, "resumable": resumable})
@@ -176,6 +181,12 @@ class RunConfig:
         None, "spectral-norm bound of every layer, in (0, 1) (default 0.97; classify: 0.9)", float
     )
     activation: str | None = _opt(None, "lipswish, sine, elu or tanh (default lipswish)")
+    actnorm: bool | None = _opt(
+        None,
+        "true/false: an ActNorm before every block and at the end (default: the builder's; true for impflow and "
+        "resflow). The ImpFlow paper's toy runs use none; see benchmarks/toy2d.py --actnorm false",
+        parse_switch,
+    )
     logdet: str | None = _opt(
         None,
         "training log-det estimator: exact, unbiased or neumann (default exact up to 16-D vectors and 64-D "
@@ -302,11 +313,14 @@ def coerce(name: str, value: Any, source: str | None = "config") -> Any:
     if value is None:
         return None
     parse = FIELDS[name].metadata["parse"]
-    kind = {int: "an integer", float: "a number", parse_bool: "true or false"}.get(parse, "text")
+    kind = {int: "an integer", float: "a number", parse_bool: "true or false", parse_switch: "true or false"}.get(
+        parse, "text"
+    )
     prefix = f"{source}: {name}: " if source else ""
     if name == "hidden" and isinstance(value, (list, tuple)):
         value = ",".join(map(str, value))
-    if (isinstance(value, bool) and parse is not parse_bool) or (parse is int and isinstance(value, float)):
+    wrong_bool = isinstance(value, bool) and parse not in (parse_bool, parse_switch)
+    if wrong_bool or (parse is int and isinstance(value, float)):
         raise ConfigError(f"{prefix}expected {kind}, got {value!r}")
     try:
         return parse(value)
@@ -470,6 +484,7 @@ _MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "width": ("width",),
     "coeff": ("coeff",),
     "activation": ("activation",),
+    "actnorm": ("actnorm",),
     "logdet": ("logdet",),
 }
 

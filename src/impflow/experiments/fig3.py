@@ -60,6 +60,7 @@ class Fig3Config:
     n_test: int = 20000  # fresh test points for the table
     resflow_blocks: int = 8
     impflow_blocks: int = 4
+    actnorm: bool | None = None  # None: the builders' default (an ActNorm before every block); False: none
     grid: int = 200  # density image resolution
 
     def blocks(self, model: str) -> int:
@@ -88,6 +89,7 @@ def run_config(model: str, cfg: Fig3Config, seed: int, quiet: bool = True) -> Ru
         model=model,
         blocks=cfg.blocks(model),
         hidden=cfg.hidden,
+        actnorm=cfg.actnorm,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
