@@ -102,6 +102,10 @@ def main() -> None:
             f"{base.steps} steps, batch {base.batch_size}, hidden {','.join(map(str, base.hidden))}, lr {base.lr:g}, "
             f"seeds {','.join(map(str, seeds))}, {args.threads} thread(s); torch {m['torch']}, {m['cpu']}, "
             f"{m['date']} (shared 2-core machine).",
+            "ActNorm: " + ("none (the ImpFlow paper's toy protocol; equal parameter counts)" if args.actnorm is False
+                           else "before every block and at the end (ResFlow-8: 9, ImpFlow-4: 5)") + ".",
+            f"Command: `python benchmarks/toy2d.py{' --actnorm false' if args.actnorm is False else ''} "
+            f"--steps {base.steps} --name {args.name}` (finished runs under {args.runs} are reused).",
             "NLL in nats (bits = nats / ln 2), gap = NLL − entropy.",
             "",
             table(rows, COLUMNS),
