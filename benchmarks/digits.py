@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, write  # noqa: E402
 
 from impflow import theory  # noqa: E402
+from impflow.config import parse_switch  # noqa: E402
 from impflow.data.images import bits_per_dim, dequantize, load_digits  # noqa: E402
 from impflow.logdet import exact_logdet  # noqa: E402
 from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
@@ -81,8 +82,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32, help="channels inside each ResFlow/ImpFlow g")
     p.add_argument("--impflow-blocks", type=int, default=2, help="per scale; ResFlow gets twice as many")
     p.add_argument("--coeff", type=float, default=0.97)
+    p.add_argument("--actnorm", type=parse_switch, default=True,
+                   help="true/false: ActNorm first and after every ResFlow/ImpFlow block (false: none, exactly equal "
+                        "parameters, the ImpFlow paper's toy protocol)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit α of the preprocessing")
-    p.add_argument("--solver", choices=("fixed_point", "broyden"), default="broyden")
+    p.add_argument("--solver", choices=("auto", "fixed_point", "broyden"), default="broyden")
     p.add_argument("--train-tol", type=float, default=None, help="ImpFlow solver tol in training (default 1e-6)")
     p.add_argument("--flow-steps", type=int, default=4, help="Glow/DLF steps per level, NSF steps")
     p.add_argument("--eval-every", type=int, default=0, help="also record test bits/dim every k steps")
@@ -109,7 +113,8 @@ def build(name: str, args: argparse.Namespace, hidden: int | None = None) -> tor
         solver = SolverConfig(method=args.solver, tol=args.train_tol)
         builder = image_impflow if name == "impflow" else image_resflow
         blocks = (n, n, n) if name == "impflow" else (2 * n, 2 * n, 2 * n)
-        return builder(SHAPE, blocks, hidden=args.hidden, coeff=args.coeff, logdet="neumann", solver=solver)
+        return builder(SHAPE, blocks, hidden=args.hidden, coeff=args.coeff, logdet="neumann", solver=solver,
+                       actnorm=args.actnorm)
     h = hidden if hidden is not None else 64
     if name == "glow":
         return glow(shape=SHAPE, steps=args.flow_steps, levels=2, hidden=h)
@@ -256,7 +261,7 @@ def markdown(payload: dict) -> str:
         f"Training: Adam lr {a['lr']}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
         f"{a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
         f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
-        f"kernels 3-1-3, coeff {a['coeff']}, LipSwish, ActNorm after every block, no factor-out), Neumann log-det "
+        f"kernels 3-1-3, coeff {a['coeff']}, LipSwish, {'ActNorm after every block' if a.get('actnorm', True) else 'no ActNorm'}, no factor-out), Neumann log-det "
         f"gradients in training, exact log-dets at evaluation; ImpFlow solver {a['solver']} "
         f"(train tol {a['train_tol'] if a['train_tol'] is not None else '1e-6 default'}). Glow/DLF: image form, "
         f"2 levels × {a['flow_steps']} steps; NSF: vector form on the 64 flattened values "
@@ -298,9 +303,10 @@ def merge(args: argparse.Namespace, command: str) -> dict:
     import json
 
     parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in args.merge]
-    keys = ("models", "steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps", "split_seed")
+    keys = ("models", "steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps", "split_seed", "actnorm")
+    setting = lambda q, k: q["settings"].get(k, True) if k == "actnorm" else q["settings"][k]  # older files: ActNorm
     for q in parts[1:]:
-        if any(q["settings"][k] != parts[0]["settings"][k] for k in keys):
+        if any(setting(q, k) != setting(parts[0], k) for k in keys):
             raise SystemExit("the merged results were run with different settings")
     runs = [r for q in parts for r in q["runs"]]
     settings = dict(parts[0]["settings"], seeds=len({r["seed"] for r in runs}), seed_start=min(r["seed"] for r in runs))
