@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, write  # noqa: E402
+from common import machine, publish, write  # noqa: E402
 
 from impflow.data.images import load_digits  # noqa: E402
 from impflow.models import classifier  # noqa: E402
@@ -351,13 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if not args.no_write:
                     write(args.name, payload())
     out = payload()
-    md = markdown(out)
-    print()
-    print(md)
-    if not args.no_write:
-        path = write(args.name, out)
-        (RESULTS / f"{args.name}.md").write_text(md)
-        print(f"wrote {path} and {RESULTS / (args.name + '.md')}")
+    publish(args.name, out, markdown(out), save=not args.no_write)
     return out
 
 

@@ -47,6 +47,16 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
+def publish(name: str, payload: dict, md: str, save: bool = True) -> None:
+    """Print the markdown report and, if ``save``, write results/NAME.json and results/NAME.md."""
+    print()
+    print(md)
+    if save:
+        path = write(name, payload)
+        (RESULTS / f"{name}.md").write_text(md)
+        print(f"wrote {path} and {RESULTS / (name + '.md')}")
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     """A markdown table of ``rows`` restricted to ``cols``."""
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, write  # noqa: E402
+from common import RESULTS, machine, publish, write  # noqa: E402
 
 from impflow import theory  # noqa: E402
 from impflow.config import parse_switch  # noqa: E402
@@ -324,10 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         cmd = "python benchmarks/digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
         out = merge(args, cmd)
-        md = markdown(out)
-        print(md)
-        write(args.name, out)
-        (RESULTS / f"{args.name}.md").write_text(md)
+        publish(args.name, out, markdown(out))
         return out
     torch.set_num_threads(args.threads)
     data = load_digits(seed=args.split_seed)
@@ -369,13 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not args.no_write:
                 write(args.name, payload())
     out = payload()
-    md = markdown(out)
-    print()
-    print(md)
-    if not args.no_write:
-        path = write(args.name, out)
-        (RESULTS / f"{args.name}.md").write_text(md)
-        print(f"wrote {path} and {RESULTS / (args.name + '.md')}")
+    publish(args.name, out, markdown(out), save=not args.no_write)
     return out
 
 
