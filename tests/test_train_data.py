@@ -13,6 +13,7 @@ from impflow import cli
 from impflow.cli import main
 from impflow.config import PRESETS, ConfigError, RunConfig, resolve
 from impflow.train import Trainer
+from conftest import assert_resumes_exactly
 
 TINY = ["--batch-size", "64", "--eval-every", "5", "--log-every", "5", "--device", "cpu", "--quiet"]
 
@@ -129,14 +130,4 @@ def test_tabular_smoke_preset(tmp_path, capsys, array_file):
 def test_array_run_resumes_exactly(tmp_path, array_file):
     config = RunConfig(data=str(array_file), blocks=1, hidden=(8,), batch_size=32, steps=14, eval_every=5,
                        log_every=3, device="cpu", quiet=True)
-    straight = Trainer(config, tmp_path / "straight")
-    assert straight.fit().status == "done"
-    first = Trainer(config, tmp_path / "split")
-    assert first.fit(until=7).status == "done"
-    del first
-    torch.manual_seed(1234)
-    resumed = Trainer.resume(tmp_path / "split")
-    assert resumed.fit().status == "done"
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in straight.history if r["step"] > 9] == [r["loss"] for r in resumed.history if r["step"] > 9]
+    assert_resumes_exactly(config, tmp_path, until=7, compare_after=9)

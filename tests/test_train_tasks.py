@@ -20,6 +20,7 @@ from impflow.flow import Flow
 from impflow.models import LipschitzClassifier
 from impflow.train import Trainer
 from impflow.train.runs import build_model, dataset, read_run
+from conftest import assert_resumes_exactly
 
 QUIET = ["--device", "cpu", "--quiet"]
 CLASSIFY = ["--task", "classify", "--data", "digits", "--model", "impflow", "--width", "4", "--blocks", "1",
@@ -79,17 +80,7 @@ def test_classify_resumes_exactly(tmp_path):
     config = RunConfig.from_dict(dict(task="classify", data="digits", model="resflow", width=4, blocks=2, steps=8,
                                       batch_size=16, eval_every=3, log_every=2, lr=0.01, device="cpu", quiet=True,
                                       dtype="float64", schedule="constant"))
-    straight = Trainer(config, tmp_path / "straight")
-    assert straight.fit().status == "done"
-    first = Trainer(config, tmp_path / "split")
-    assert first.fit(until=5).status == "done"
-    del first
-    torch.manual_seed(7)
-    resumed = Trainer.resume(tmp_path / "split")
-    assert resumed.fit().status == "done"
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in straight.history if r["step"] > 6] == [r["loss"] for r in resumed.history if r["step"] > 6]
+    assert_resumes_exactly(config, tmp_path, until=5, compare_after=6)
 
 
 # --------------------------------------------------------------------------- images
