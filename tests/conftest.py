@@ -38,3 +38,29 @@ def assert_resumes_exactly(config, root, until: int, compare_after: int) -> None
     assert all(torch.equal(a[k], b[k]) for k in a)
     later = lambda trainer: [r["loss"] for r in trainer.history if r["step"] > compare_after]
     assert later(straight) == later(resumed) and later(straight)
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Skip the end-of-training plots (slow matplotlib rendering) where a test is not about them."""
+    from impflow import cli
+
+    monkeypatch.setattr(cli, "plot_run", lambda *args, **kwargs: {})
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``impflow ARGV`` in-process: (exit code, stdout, stderr)."""
+    from impflow.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def eval_json(capsys, *argv) -> dict:
+    """The JSON that ``impflow eval ARGV --device cpu`` prints (asserting it succeeded)."""
+    import json
+
+    code, out, err = run_cli(capsys, "eval", *argv, "--device", "cpu")
+    assert code == 0, err
+    return json.loads(out)

@@ -11,25 +11,14 @@ import numpy as np
 import pytest
 
 import impflow
-from impflow import Flow, checkpoint, cli
+from impflow import Flow, checkpoint
 from impflow.cli import main
 from impflow.train import Trainer
+from conftest import run_cli as run
 
 TINY = ["--blocks", "1", "--hidden", "16", "--batch-size", "64", "--eval-size", "256",
         "--eval-every", "10", "--log-every", "5", "--device", "cpu", "--quiet"]
 PLOTS = {"density", "samples", "training_curve", "true_density"}
-
-
-@pytest.fixture
-def no_plots(monkeypatch):
-    """Skip the end-of-training plots (slow matplotlib rendering) where a test is not about them."""
-    monkeypatch.setattr(cli, "plot_run", lambda *args, **kwargs: {})
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_round_trip(tmp_path, capsys, request):

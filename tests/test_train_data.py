@@ -9,25 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from impflow import cli
-from impflow.cli import main
 from impflow.config import PRESETS, ConfigError, RunConfig, resolve
 from impflow.train import Trainer
-from conftest import assert_resumes_exactly
+from conftest import assert_resumes_exactly, eval_json as eval_report, run_cli as run
 
 TINY = ["--batch-size", "64", "--eval-every", "5", "--log-every", "5", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(autouse=True)
-def no_plots(monkeypatch):
+def _no_plots(no_plots):
     """Only the training curve is drawn for non-2-D data; skip it here (matplotlib is slow)."""
-    monkeypatch.setattr(cli, "plot_run", lambda *args, **kwargs: {})
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -37,12 +28,6 @@ def array_file(tmp_path):
     path = tmp_path / "corr.npy"
     np.save(path, rng.normal(size=(300, 5)) @ mixing + 3.0)
     return path
-
-
-def eval_report(capsys, run_dir) -> dict:
-    code, out, err = run(capsys, "eval", run_dir, "--device", "cpu")
-    assert code == 0, err
-    return json.loads(out)
 
 
 @pytest.mark.parametrize(

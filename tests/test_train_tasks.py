@@ -12,36 +12,20 @@ import pytest
 import torch
 
 import impflow
-from impflow import checkpoint, cli
-from impflow.cli import main
+from impflow import checkpoint
 from impflow.config import PRESETS, RunConfig, model_builder, model_kwargs, resolve
 from impflow.data.images import Preprocess, bits_per_dim
 from impflow.flow import Flow
 from impflow.models import LipschitzClassifier
 from impflow.train import Trainer
 from impflow.train.runs import build_model, dataset, read_run
-from conftest import assert_resumes_exactly
+from conftest import assert_resumes_exactly, eval_json as report, run_cli as run
 
 QUIET = ["--device", "cpu", "--quiet"]
 CLASSIFY = ["--task", "classify", "--data", "digits", "--model", "impflow", "--width", "4", "--blocks", "1",
             "--batch-size", "32", "--eval-every", "3", "--log-every", "3", "--lr", "0.01", *QUIET]
 
 
-@pytest.fixture
-def no_plots(monkeypatch):
-    monkeypatch.setattr(cli, "plot_run", lambda *args, **kwargs: {})
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def report(capsys, *argv) -> dict:
-    code, out, err = run(capsys, "eval", *argv, "--device", "cpu")
-    assert code == 0, err
-    return json.loads(out)
 
 
 # --------------------------------------------------------------------------- classify
