@@ -85,12 +85,16 @@ def resolve_method(method: str, x: Tensor, event_shape: Sequence[int] | None = N
     steps, and on slowly contracting ones, where "slow" starts much earlier for image-shaped
     rows (a conv g costs far more per entry) than for vectors (a cheap MLP g).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown solver method {method!r}; use 'auto', 'broyden' or 'fixed_point'")
+    _check_method(method)
     if method != "auto":
         return method
     small = x.dim() == 2 and x.shape[1] <= AUTO_BROYDEN_MAX_DIM and not _is_image(event_shape)
     return "broyden" if small else "fixed_point"
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown solver method {method!r}; use 'auto', 'broyden' or 'fixed_point'")
 
 
 def _is_image(event_shape: Sequence[int] | None) -> bool:
@@ -139,8 +143,7 @@ class SolverConfig:
     backward_tol: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown solver method {self.method!r}; use 'auto', 'broyden' or 'fixed_point'")
+        _check_method(self.method)
         if self.on_failure not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {self.on_failure!r}")
         if self.max_iter < 1 or self.memory < 1:
@@ -427,13 +430,19 @@ def find_root(
     fx = counter(x, None)
     res = _norm(fx)
     iters = torch.zeros(B, dtype=torch.long, device=x0.device)
+
+    def broyden_then_fixed_point(max_iter: int) -> int:
+        """Broyden, then fixed point on the rows it leaves; returns how many it left."""
+        _broyden(counter, x, fx, res, thresh, iters, config.replace(max_iter=max_iter))
+        left = int((res > thresh).sum())
+        if left and config.fallback_iter > 0:
+            _fixed_point(counter, x, fx, res, thresh, iters, config.fallback_iter)
+        return left
+
     fallback = 0
     if method == "broyden":
-        _broyden(counter, x, fx, res, thresh, iters, config)
-        fallback = int((res > thresh).sum())
-        if fallback and config.fallback_iter > 0:
-            _fixed_point(counter, x, fx, res, thresh, iters, config.fallback_iter)
-    elif config.method == "fixed_point":
+        fallback = broyden_then_fixed_point(config.max_iter)
+    elif config.method == "fixed_point":  # asked for (auto may also resolve to "fixed_point": below)
         _fixed_point(counter, x, fx, res, thresh, iters, config.max_iter)
     else:  # auto: fixed point, handing slowly contracting solves over to Broyden
         probe = min(AUTO_PROBE_ITERS, config.max_iter)
@@ -445,10 +454,7 @@ def find_root(
             switch = AUTO_SWITCH_ITERS["image" if _is_image(event_shape) else "vector"]
             if rest > 0 and _predicted_iterations(prev, res, thresh) > switch:
                 method = "fixed_point+broyden"
-                _broyden(counter, x, fx, res, thresh, iters, config.replace(max_iter=rest))
-                fallback = int((res > thresh).sum())
-                if fallback and config.fallback_iter > 0:
-                    _fixed_point(counter, x, fx, res, thresh, iters, config.fallback_iter)
+                fallback = broyden_then_fixed_point(rest)
             else:
                 _fixed_point(counter, x, fx, res, thresh, iters, rest)
                 fallback = int((res > thresh).sum())
