@@ -104,3 +104,20 @@ def test_sync_exact_reports_and_removes_estimate_lag():
     assert lag > 1.0
     assert float(torch.linalg.matrix_norm(layer.normalized_weight().detach(), ord=2)) == pytest.approx(0.9, rel=1e-12)
     assert layer.sync_exact() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_sync_spectral_max_entries_skips_large_operators():
+    """With ``max_entries`` only layers whose dense operator is at most that large are synced."""
+    torch.manual_seed(3)
+    small, large = SpectralLinear(2, 3, coeff=0.9).double(), SpectralLinear(20, 30, coeff=0.9).double()
+    g = torch.nn.Sequential(small, large)
+    for m in (small, large):  # running estimates from an unrelated start
+        m.u.copy_(torch.nn.functional.normalize(torch.ones_like(m.u), dim=0))
+        m.v.copy_(torch.nn.functional.normalize(torch.ones_like(m.v), dim=0))
+    before = large.u.clone()
+    sync_spectral(g, max_entries=small.u.numel() * small.v.numel())
+    top = lambda m: torch.linalg.svd(m.weight.detach())[0][:, 0]
+    assert torch.allclose(small.u.abs(), top(small).abs(), atol=1e-10)
+    assert torch.equal(large.u, before)
+    sync_spectral(g)
+    assert torch.allclose(large.u.abs(), top(large).abs(), atol=1e-10)

@@ -238,10 +238,16 @@ class LipschitzMLP(nn.Module):
         return self.net(x)
 
 
-def sync_spectral(module: nn.Module) -> float:
-    """:meth:`SpectralLinear.sync_exact` on every spectrally normalised layer of ``module``;
-    returns the largest lag σ/σ̂ found (1.0 when every estimate was exact, or no such layer)."""
-    lags = [m.sync_exact() for m in module.modules() if isinstance(m, SpectralLinear)]
+def sync_spectral(module: nn.Module, max_entries: int | None = None) -> float:
+    """:meth:`SpectralLinear.sync_exact` on every spectrally normalised layer of ``module`` (with
+    ``max_entries``: only those whose dense operator has at most that many entries; larger ones,
+    e.g. convolutions on big images, keep their power-iteration estimates); returns the largest
+    lag σ/σ̂ found (1.0 when every estimate was exact, or no such layer)."""
+    lags = [
+        m.sync_exact()
+        for m in module.modules()
+        if isinstance(m, SpectralLinear) and (max_entries is None or m.u.numel() * m.v.numel() <= max_entries)
+    ]
     return max(lags, default=1.0)
 
 

@@ -26,7 +26,7 @@ from .. import distributed
 from ..config import RESUMABLE, ConfigError, RunConfig, model_kwargs
 from ..logdet import exact_logdet
 from .monitor import Progress, ProgressMode, SolverMonitor, VolumeMonitor, WarningCounter, summarize_solves
-from ..nn.lipschitz import SpectralLinear
+from ..nn.lipschitz import sync_spectral
 from .runs import EXACT_EVAL_MAX_DIM, build_model, data_spec, dataset, evaluate, evaluate_classifier, labelled
 from .runs import draw_batch, load_model_state, read_run, refresh_spectral, resolve_device, saved_spec
 from .runs import stream_seed, train_pool, write_config
@@ -104,17 +104,6 @@ SYNC_MAX_ENTRIES = 2**20
 """Spectral-norm layers whose dense operator has at most this many entries get the exact SVD
 sync at scheduled evaluations (all dense layers of the vector flows; convolutions on small
 images); larger convolutions keep their power-iteration estimates."""
-
-
-def sync_spectral(model: nn.Module) -> float:
-    """:meth:`SpectralLinear.sync_exact` on every spectrally normalised layer of ``model`` whose
-    dense operator has at most :data:`SYNC_MAX_ENTRIES` entries; the largest lag σ/σ̂ (1.0: none)."""
-    lags = [
-        m.sync_exact()
-        for m in model.modules()
-        if isinstance(m, SpectralLinear) and m.u.numel() * m.v.numel() <= SYNC_MAX_ENTRIES
-    ]
-    return max(lags, default=1.0)
 
 
 def _seed_all(seed: int) -> None:
@@ -432,7 +421,7 @@ class Trainer:
         if evaluate_now and self.step % self.config.eval_every == 0:
             # the Lipschitz check: exact top singular pairs replace the power-iteration
             # estimates (on the eval schedule only, so a resumed run syncs at the same steps)
-            record["spectral_lag"] = sync_spectral(self.model)
+            record["spectral_lag"] = sync_spectral(self.model, max_entries=SYNC_MAX_ENTRIES)
             distributed.broadcast_buffers(self.model)
         if evaluate_now:
             # every rank evaluates the whole validation set (the same deterministic computation,
