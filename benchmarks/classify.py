@@ -262,7 +262,7 @@ def markdown(payload: dict) -> str:
         f"Wall time: {payload['wall_time_s'] / 60:.1f} min ({payload['machine']['threads']} thread(s), "
         f"torch {payload['machine']['torch']}, {payload['machine']['date']})",
         "",
-        f"Data: sklearn digits, seeded 80/20 split ("
+        "Data: sklearn digits, seeded 80/20 split ("
         + ("a different split per seed (split seed = seed)" if a.get("vary_split") else f"split seed {a['split_seed']}")
         + f": {payload['data']['n_train']} train / {payload['data']['n_test']} test), x/16 ∈ [0, 1], "
         + (f"random shifts of up to {a['shift']} px (zero fill) on training batches.  " if a.get("shift") else "no augmentation.  "),

@@ -177,7 +177,7 @@ def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> 
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(1000 + seed)  # batches and dequantisation: the same for every model
     n = len(data.train_images)
-    curve, losses = [], []
+    curve = []
     t0 = time.perf_counter()
     nonfinite = 0
     with warnings.catch_warnings(record=True) as caught:
@@ -192,7 +192,6 @@ def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 curve.append({"step": step, "test_bpd": evaluate(model, name, *test)["bpd"]})
         train_time = time.perf_counter() - t0
@@ -203,11 +202,10 @@ def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> 
         x_tr = dequantize(data.train_images[: len(data.test_images)], data.levels, torch.Generator().manual_seed(77))
         tr = evaluate(model, name, *pre(x_tr))
     solver_warnings = sum("converge" in str(w.message) or "solve" in str(w.message) for w in caught)
-    last = losses[-50:]
     rec = {
         "model": name, "seed": seed, "params": n_params(model), "hidden": hidden if hidden else args.hidden,
         "steps": args.steps, "test_bpd": te["bpd"], "test_bpd_se": te["bpd_se"], "test_finite": te["finite"],
-        "train_bpd": tr["bpd"],  # first 359 training images "train_loss_last50_nats": sum(last) / len(last) if last else None,
+        "train_bpd": tr["bpd"],  # on the first len(test) training images
         "nonfinite_steps": nonfinite, "solver_warnings": solver_warnings,
         "train_time_s": train_time, "eval_time_s": eval_time, "curve": curve,
     }
