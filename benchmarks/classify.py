@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, publish, write  # noqa: E402
+from common import load_parts, machine, merged_command, publish, write  # noqa: E402
 
 from impflow.data.images import load_digits  # noqa: E402
 from impflow.models import classifier  # noqa: E402
@@ -58,7 +58,12 @@ COEFFS = (0.99, 0.9, 0.8, 0.7, 0.6)
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--coeffs", type=float, nargs="+", default=list(COEFFS))
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, …)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed-start, seed-start + 1, …)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (to run seeds in separate processes)")
+    p.add_argument(
+        "--merge", nargs="+", default=None, metavar="STEM",
+        help="no training: merge results/STEM.json files (same settings, different seeds) into --name",
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-2, help="Adam's initial lr (cosine-annealed to 0)")
@@ -259,7 +264,8 @@ def markdown(payload: dict) -> str:
         "# Digits classification: ResFlow vs ImpFlow residual blocks",
         "",
         f"Command: `{payload['command']}`  ",
-        f"Wall time: {payload['wall_time_s'] / 60:.1f} min ({payload['machine']['threads']} thread(s), "
+        f"Wall time: {payload['wall_time_s'] / 60:.1f} min"
+        f"{' (summed over the merged runs)' if payload.get('merged_from') else ''} ({payload['machine']['threads']} thread(s), "
         f"torch {payload['machine']['torch']}, {payload['machine']['date']})",
         "",
         "Data: sklearn digits, seeded 80/20 split ("
@@ -270,7 +276,7 @@ def markdown(payload: dict) -> str:
         f"LipSwish, every conv spectrally normalised to c) → {a['pool']}×{a['pool']} avg-pool → linear; "
         f"ResFlow {a['resflow_blocks']} blocks, ImpFlow {a['resflow_blocks'] // 2} blocks.  ",
         f"Training: cross-entropy, Adam lr {a['lr']} with cosine annealing, batch {a['batch']}, "
-        f"{a['epochs']} epochs ({payload['steps']} steps), seeds 0..{a['seeds'] - 1} "
+        f"{a['epochs']} epochs ({payload['steps']} steps), seeds {a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1} "
         f"(same init seed and batch order for both blocks). ImpFlow solver: {a['solver']}, "
         f"tol {a['tol'] if a['tol'] is not None else '1e-6 (default)'}.",
         "",
@@ -310,8 +316,30 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(args: argparse.Namespace, command: str) -> dict:
+    """One result from per-seed-range result files: their runs pooled; the training settings
+    must agree; a (block, c, seed) run may appear only once."""
+    keys = ("epochs", "batch", "lr", "width", "hidden", "resflow_blocks", "pool", "solver", "tol", "split_seed", "vary_split", "shift")
+    parts, runs = load_parts(args.merge, keys, defaults={"vary_split": False, "shift": 0})
+    ids = [(r["block"], r["coeff"], r["seed"]) for r in runs]
+    if len(set(ids)) != len(ids):
+        raise SystemExit("the merged results repeat a (block, c, seed) run")
+    coeffs = sorted({r["coeff"] for r in runs}, reverse=True)
+    seeds = sorted({r["seed"] for r in runs})
+    settings = dict(parts[0]["settings"], coeffs=coeffs, seeds=len(seeds), seed_start=seeds[0])
+    return dict(
+        parts[0], command=merged_command(command, parts), settings=settings,
+        wall_time_s=sum(q["wall_time_s"] for q in parts), summary=summarise(runs, coeffs), runs=runs,
+        merged_from=list(args.merge),
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.merge:
+        out = merge(args, "python benchmarks/classify.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        publish(args.name, out, markdown(out))
+        return out
     torch.set_num_threads(args.threads)
     data = digits(args.split_seed)
     command = "python benchmarks/classify.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -323,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {
             "benchmark": "classify",
             "command": command,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("name", "no_write")},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("name", "no_write", "merge")},
             "data": {"name": "digits", "n_train": len(data["x_train"]), "n_test": len(data["x_test"])},
             "steps": steps,
             "machine": machine(),
@@ -332,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
             "runs": runs,
         }
 
-    for seed in range(args.seeds):
+    for seed in range(args.seed_start, args.seed_start + args.seeds):
         if args.vary_split:
             data = digits(seed)
         for c in args.coeffs:

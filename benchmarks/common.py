@@ -57,6 +57,25 @@ def publish(name: str, payload: dict, md: str, save: bool = True) -> None:
         print(f"wrote {path} and {RESULTS / (name + '.md')}")
 
 
+def load_parts(stems: list[str], keys: tuple[str, ...], defaults: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Read results/STEM.json for each stem; check that ``keys`` of their settings agree (a key
+    missing from an older file reads as ``defaults[key]``) and that no (run key) repeats; returns
+    (parts, pooled runs)."""
+    parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in stems]
+    defaults = defaults or {}
+    get = lambda q, k: q["settings"].get(k, defaults.get(k))
+    for q in parts[1:]:
+        bad = [k for k in keys if get(q, k) != get(parts[0], k)]
+        if bad:
+            raise SystemExit(f"the merged results were run with different settings: {', '.join(bad)}")
+    runs = [r for q in parts for r in q["runs"]]
+    return parts, runs
+
+
+def merged_command(command: str, parts: list[dict]) -> str:
+    return command + "  (merging: " + "; ".join(q["command"] for q in parts) + ")"
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     """A markdown table of ``rows`` restricted to ``cols``."""
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, publish, write  # noqa: E402
+from common import load_parts, machine, merged_command, publish, write  # noqa: E402
 
 from impflow import theory  # noqa: E402
 from impflow.config import parse_switch  # noqa: E402
@@ -297,24 +297,22 @@ def markdown(payload: dict) -> str:
 
 
 def merge(args: argparse.Namespace, command: str) -> dict:
-    """One result from per-seed-range result files (their runs pooled; settings must agree)."""
-    import json
-
-    parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in args.merge]
-    keys = ("models", "steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps", "split_seed", "actnorm")
-    setting = lambda q, k: q["settings"].get(k, True) if k == "actnorm" else q["settings"][k]  # older files: ActNorm
-    for q in parts[1:]:
-        if any(setting(q, k) != setting(parts[0], k) for k in keys):
-            raise SystemExit("the merged results were run with different settings")
-    runs = [r for q in parts for r in q["runs"]]
-    settings = dict(parts[0]["settings"], seeds=len({r["seed"] for r in runs}), seed_start=min(r["seed"] for r in runs))
-    out = dict(
-        parts[0], command=command + "  (merging: " + "; ".join(q["command"] for q in parts) + ")",
-        settings=settings, wall_time_s=sum(q["wall_time_s"] for q in parts),
-        summary=summarise(runs, settings["models"]), comparison=comparison(runs), runs=runs,
+    """One result from per-seed-range (or per-model) result files: their runs pooled; the training
+    settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
+    keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps", "split_seed", "actnorm")
+    parts, runs = load_parts(args.merge, keys, defaults={"actnorm": True})  # older files: ActNorm on
+    pairs = [(r["model"], r["seed"]) for r in runs]
+    if len(set(pairs)) != len(pairs):
+        raise SystemExit("the merged results repeat a (model, seed) run")
+    models = [m for m in MODELS if any(r["model"] == m for r in runs)]
+    seeds = sorted({r["seed"] for r in runs})
+    settings = dict(parts[0]["settings"], models=models, seeds=len(seeds), seed_start=seeds[0])
+    return dict(
+        parts[0], command=merged_command(command, parts), settings=settings,
+        wall_time_s=sum(q["wall_time_s"] for q in parts),
+        summary=summarise(runs, models), comparison=comparison(runs), runs=runs,
         merged_from=list(args.merge),
     )
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

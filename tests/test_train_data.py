@@ -110,6 +110,10 @@ def test_tabular_smoke_preset(tmp_path, capsys, array_file):
                          "--data", array_file, "--device", "cpu", "--quiet")
     assert code == 0, err
     assert eval_report(capsys, tmp_path / "run")["dim"] == 5
+    # a preset run resumes without restating --preset (an absent flag is not preset=None)
+    code, out, err = run(capsys, "train", "--out", tmp_path / "run", "--resume", "--steps", "24", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 24
 
 
 def test_array_run_resumes_exactly(tmp_path, array_file):

@@ -203,7 +203,9 @@ def _fit(config: RunConfig, explicit: dict[str, Any], out: Path, resume: bool) -
 
 
 def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k in FIELDS}
+    """The run settings given as flags (--preset is passed to resolve() on its own: an absent
+    --preset must not read as preset=None, or --resume of a preset run would refuse)."""
+    return {k: v for k, v in vars(args).items() if k in FIELDS and k != "preset"}
 
 
 def _train(args: argparse.Namespace) -> int:
