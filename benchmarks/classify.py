@@ -12,7 +12,10 @@ parameters. Here the same comparison runs on scikit-learn's 8×8 digits (always 
   the choice of test images;
 * model: ``impflow.models.classifier((1, 8, 8), 10, block, coeff, width, ...)``: conv stem,
   ``blocks`` ResFlow blocks or ``blocks // 2`` ImpFlow blocks (each holds two networks, so
-  parameter counts are equal; checked and recorded), 2×2 average pooling, linear head;
+  parameter counts are equal; checked and recorded), 2×2 average pooling, linear head; with
+  ``--stages W,W,...`` the paper's ResNet-like layout instead: one stage of blocks per width
+  (2 ResFlow / 1 ImpFlow per stage by default), a 1×1 stride-2 conv + BatchNorm + ReLU between
+  stages; ``--kernels`` sets the convs inside each g (3,1,3 by default; the paper's is 3,3);
 * training: cross-entropy, Adam (lr 1e-2 by default: at 2e-3 both still underfit after 15
   epochs) with cosine annealing to 0 over all steps, the same epochs,
   batch size, learning rate and seeds (init + batch order) for both block types;
@@ -26,6 +29,7 @@ Usage::
     python benchmarks/classify.py --quick         # smoke run (~1 min, prints only)
     python benchmarks/classify.py --epochs 30 --seeds 5 --coeffs 0.99 0.6
     python benchmarks/classify.py --epochs 25 --seeds 3 --shift 1 --vary-split   # results/classify.*
+    python benchmarks/classify.py --stages 16,32 --kernels 3,3 --name NAME       # multi-stage layout
 
 Results go to ``benchmarks/results/classify.json`` and ``classify.md`` (``--name`` changes the
 file stem). The JSON is rewritten after every run, so an interrupted sweep keeps what it did.
@@ -69,7 +73,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2, help="Adam's initial lr (cosine-annealed to 0)")
     p.add_argument("--width", type=int, default=16, help="channels the blocks act on")
     p.add_argument("--hidden", type=int, default=None, help="channels inside g (default width)")
-    p.add_argument("--resflow-blocks", type=int, default=4, help="ImpFlow gets half as many")
+    p.add_argument(
+        "--resflow-blocks", type=int, default=None,
+        help="ResFlow blocks (per stage with --stages; default 4, or 2 per stage); ImpFlow gets half as many",
+    )
+    p.add_argument(
+        "--stages", type=ints, default=None, metavar="W,W,...",
+        help="multi-stage layout: block widths per stage, a 1×1 stride-2 conv + BN + ReLU between "
+        "stages (default: one stage of --width)",
+    )
+    p.add_argument("--kernels", type=ints, default=[3, 1, 3], metavar="K,K,...", help="conv kernel sizes inside g")
     p.add_argument("--pool", type=int, default=2)
     p.add_argument("--solver", choices=("fixed_point", "broyden"), default="fixed_point")
     p.add_argument("--tol", type=float, default=None, help="solver tolerance (default 1e-6 in float32)")
@@ -93,9 +106,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.name = args.name or "classify"
     if args.quick:
         args.seeds, args.coeffs, args.epochs = 1, [0.9, 0.6], 2
+    if args.resflow_blocks is None:
+        args.resflow_blocks = 4 if args.stages is None else 2
     if args.resflow_blocks % 2:
         p.error("--resflow-blocks must be even (ImpFlow gets half as many)")
     return args
+
+
+def ints(text: str) -> list[int]:
+    """'16,32' -> [16, 32] (argparse type of --stages and --kernels)."""
+    try:
+        out = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
 
 
 def digits(split_seed: int) -> dict[str, torch.Tensor]:
@@ -155,8 +181,9 @@ def run_one(args: argparse.Namespace, data: dict, block: str, coeff: float, seed
     n_blocks = args.resflow_blocks if block == "resflow" else args.resflow_blocks // 2
     solver = SolverConfig(method=args.solver, tol=args.tol)
     model = classifier(
-        (1, 8, 8), 10, block=block, coeff=coeff, width=args.width, blocks=n_blocks,
-        hidden=args.hidden, pool=args.pool, solver=solver,
+        (1, 8, 8), 10, block=block, coeff=coeff, width=args.width if args.stages is None else None,
+        blocks=n_blocks, hidden=args.hidden, kernels=args.kernels, pool=args.pool, solver=solver,
+        stages=args.stages,
     )
     x, y = data["x_train"], data["y_train"]
     steps_per_epoch = math.ceil(len(x) / args.batch)
@@ -272,9 +299,7 @@ def markdown(payload: dict) -> str:
         + ("a different split per seed (split seed = seed)" if a.get("vary_split") else f"split seed {a['split_seed']}")
         + f": {payload['data']['n_train']} train / {payload['data']['n_test']} test), x/16 ∈ [0, 1], "
         + (f"random shifts of up to {a['shift']} px (zero fill) on training batches.  " if a.get("shift") else "no augmentation.  "),
-        f"Model: conv stem → blocks (width {a['width']}, hidden {a['hidden'] or a['width']}, kernels 3-1-3, "
-        f"LipSwish, every conv spectrally normalised to c) → {a['pool']}×{a['pool']} avg-pool → linear; "
-        f"ResFlow {a['resflow_blocks']} blocks, ImpFlow {a['resflow_blocks'] // 2} blocks.  ",
+        model_line(a),
         f"Training: cross-entropy, Adam lr {a['lr']} with cosine annealing, batch {a['batch']}, "
         f"{a['epochs']} epochs ({payload['steps']} steps), seeds {a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1} "
         f"(same init seed and batch order for both blocks). ImpFlow solver: {a['solver']}, "
@@ -316,11 +341,36 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_line(a: dict) -> str:
+    """The markdown "Model:" line of settings ``a`` (older files lack stages / kernels)."""
+    kernels = "-".join(map(str, a.get("kernels") or [3, 1, 3]))
+    stages = a.get("stages")
+    g = f"kernels {kernels}, LipSwish, every conv spectrally normalised to c"
+    if stages is None:
+        body = f"blocks (width {a['width']}, hidden {a['hidden'] or a['width']}, {g})"
+        per = ""
+    else:
+        hidden = "= stage width" if a["hidden"] is None else f"{a['hidden']} scaled with the stage width"
+        body = (
+            f"{len(stages)} stages of widths {'-'.join(map(str, stages))} (hidden {hidden}, {g}), "
+            "between stages a 1×1 stride-2 conv + BatchNorm + ReLU"
+        )
+        per = " per stage"
+    return (
+        f"Model: conv stem → {body} → {a['pool']}×{a['pool']} avg-pool → linear; "
+        f"ResFlow {a['resflow_blocks']} blocks{per}, ImpFlow {a['resflow_blocks'] // 2} "
+        f"block{'s' if a['resflow_blocks'] // 2 != 1 else ''}{per}.  "
+    )
+
+
 def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range result files: their runs pooled; the training settings
     must agree; a (block, c, seed) run may appear only once."""
-    keys = ("epochs", "batch", "lr", "width", "hidden", "resflow_blocks", "pool", "solver", "tol", "split_seed", "vary_split", "shift")
-    parts, runs = load_parts(args.merge, keys, defaults={"vary_split": False, "shift": 0})
+    keys = ("epochs", "batch", "lr", "width", "hidden", "resflow_blocks", "pool", "solver", "tol", "split_seed", "vary_split", "shift",
+            "stages", "kernels")
+    parts, runs = load_parts(
+        args.merge, keys, defaults={"vary_split": False, "shift": 0, "stages": None, "kernels": [3, 1, 3]}
+    )
     ids = [(r["block"], r["coeff"], r["seed"]) for r in runs]
     if len(set(ids)) != len(ids):
         raise SystemExit("the merged results repeat a (block, c, seed) run")
