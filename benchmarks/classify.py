@@ -241,6 +241,17 @@ def run_one(args: argparse.Namespace, data: dict, block: str, coeff: float, seed
     return rec
 
 
+def _paired(runs: list[dict], c: float, key: str) -> list[float]:
+    """ImpFlow − ResFlow of ``key`` at coefficient c, one value per seed run with both blocks."""
+    res = {r["seed"]: r[key] for r in runs if r["coeff"] == c and r["block"] == "resflow"}
+    return [r[key] - res[r["seed"]] for r in runs if r["coeff"] == c and r["block"] == "impflow" and r["seed"] in res]
+
+
+def _mean_se(v: list[float]) -> tuple[float | None, float | None]:
+    mean = statistics.mean(v) if v else None
+    return mean, (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None)
+
+
 def summarise(runs: list[dict], coeffs: list[float]) -> list[dict]:
     rows = []
     for c in coeffs:
@@ -269,18 +280,19 @@ def summarise(runs: list[dict], coeffs: list[float]) -> list[dict]:
         if "resflow" in row and "impflow" in row:
             row["equal_params"] = row["resflow"]["params"] == row["impflow"]["params"]
             row["impflow_better"] = row["impflow"]["test_error_mean"] < row["resflow"]["test_error_mean"]
-            # seeds paired (same init seed and batch order): how many seeds ImpFlow wins
-            pairs = [
-                (a["test_error"], b["test_error"])
-                for a in runs if a["coeff"] == c and a["block"] == "resflow"
-                for b in runs if b["coeff"] == c and b["block"] == "impflow" and b["seed"] == a["seed"]
-            ]
-            row["impflow_wins_seeds"] = f"{sum(i < r for r, i in pairs)}/{len(pairs)}"
-            diffs = [i - r for r, i in pairs]
-            row["diff_mean"] = statistics.mean(diffs) if diffs else None  # ImpFlow − ResFlow, points
-            row["diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            # seeds paired (same init seed, split and batch order): ImpFlow − ResFlow, points
+            diffs = _paired(runs, c, "test_error")
+            row["impflow_wins_seeds"] = f"{sum(d < 0 for d in diffs)}/{len(diffs)}"
+            row["diff_mean"], row["diff_se"] = _mean_se(diffs)
+            train = _paired(runs, c, "train_error")
+            row["train_diff_mean"], row["train_diff_se"] = _mean_se(train)
+            row["impflow_train_wins_seeds"] = f"{sum(d < 0 for d in train)}/{len(train)}"
         rows.append(row)
     return rows
+
+
+def _pm(mean: float, se: float | None) -> str:
+    return f"{mean:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
 
 def markdown(payload: dict) -> str:
@@ -307,8 +319,8 @@ def markdown(payload: dict) -> str:
         "",
         "Test error (%), mean ± std over seeds:",
         "",
-        "| c | ResFlow | ImpFlow | ImpFlow better | Imp − Res (paired mean ± s.e.) | wins (seeds) | params (Res / Imp) | train s/run (Res / Imp) | ImpFlow fwd iters (mean / last / test) | ImpFlow bwd iters |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| c | ResFlow | ImpFlow | ImpFlow better | Imp − Res (paired mean ± s.e.) | wins (seeds) | train error Imp − Res (wins) | params (Res / Imp) | train s/run (Res / Imp) | ImpFlow fwd iters (mean / last / test) | ImpFlow bwd iters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "resflow" not in r or "impflow" not in r:
@@ -316,8 +328,9 @@ def markdown(payload: dict) -> str:
         R, I = r["resflow"], r["impflow"]
         lines.append(
             f"| {r['coeff']} | {pm(R)} | {pm(I)} | {'yes' if r['impflow_better'] else 'no'} | "
-            f"{r['diff_mean']:+.2f}" + (f" ± {r['diff_se']:.2f}" if r.get('diff_se') is not None else "") + " | "
-            f"{r['impflow_wins_seeds']} | {R['params'][0]} / {I['params'][0]}"
+            f"{_pm(r['diff_mean'], r['diff_se'])} | "
+            f"{r['impflow_wins_seeds']} | {_pm(r['train_diff_mean'], r['train_diff_se'])} ({r['impflow_train_wins_seeds']}) | "
+            f"{R['params'][0]} / {I['params'][0]}"
             f"{'' if r['equal_params'] else ' (UNEQUAL)'} | "
             f"{R['train_time_s_mean']:.0f} / {I['train_time_s_mean']:.0f} | "
             f"{I['fwd_iters_mean']:.1f} / {I['fwd_iters_last']:.1f} / {I['test_fwd_iters_mean']:.1f} | "
@@ -327,7 +340,8 @@ def markdown(payload: dict) -> str:
     lines += [
         "",
         f"ImpFlow lower mean error at every c: **{'yes' if better and all(better) else 'no'}** "
-        f"({sum(better)}/{len(better)} values of c).",
+        f"({sum(better)}/{len(better)} values of c). Lower mean *training* error at every c: "
+        f"**{'yes' if rows and all(r.get('train_diff_mean', 0) < 0 for r in rows) else 'no'}**.",
         "",
         "Solver iterations are per sample, averaged over ImpFlow blocks: `mean` over all training "
         "steps, `last` at the final step, `test` on the test set; the backward column is the "
