@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--actnorm", type=parse_switch, default=None,
                     help="true/false for both models (default: the builders' ActNorm before every block; "
                          "the ImpFlow paper's toy code uses none); false adds -noactnorm to the run folders")
+    ap.add_argument("--activation", default=None,
+                    help="activation of every g for both models (default: the builders' LipSwish); "
+                         "adds -ACTIVATION to the run folders")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs", type=Path, default=Path("runs/toy2d"), help="where the run directories go")
     ap.add_argument("--threads", type=int, default=1)
@@ -61,8 +64,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     base = replace(fig3.FULL, steps=args.steps, hidden=tuple(args.hidden), batch_size=args.batch, lr=args.lr,
-                   warmup=min(fig3.FULL.warmup, args.steps // 10), actnorm=args.actnorm)
-    suffix = "-noactnorm" if args.actnorm is False else ""
+                   warmup=min(fig3.FULL.warmup, args.steps // 10), actnorm=args.actnorm,
+                   activation=args.activation)
+    suffix = ("-noactnorm" if args.actnorm is False else "") + (f"-{args.activation}" if args.activation else "")
     start = time.perf_counter()
     rows = []
     for data in datasets:
@@ -103,8 +107,10 @@ def main() -> None:
             f"seeds {','.join(map(str, seeds))}, {args.threads} thread(s); torch {m['torch']}, {m['cpu']}, "
             f"{m['date']} (shared 2-core machine).",
             "ActNorm: " + ("none (the ImpFlow paper's toy protocol; equal parameter counts)" if args.actnorm is False
-                           else "before every block and at the end (ResFlow-8: 9, ImpFlow-4: 5)") + ".",
-            f"Command: `python benchmarks/toy2d.py{' --actnorm false' if args.actnorm is False else ''} "
+                           else "before every block and at the end (ResFlow-8: 9, ImpFlow-4: 5)") + ". "
+            f"Activation: {args.activation or 'lipswish (default)'}.",
+            f"Command: `python benchmarks/toy2d.py{' --actnorm false' if args.actnorm is False else ''}"
+            f"{' --activation ' + args.activation if args.activation else ''} --seeds {args.seeds} "
             f"--steps {base.steps} --name {args.name}` (finished runs under {args.runs} are reused).",
             "NLL in nats (bits = nats / ln 2), gap = NLL − entropy.",
             "",

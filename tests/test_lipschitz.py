@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from impflow.nn import ACTIVATIONS, LipschitzMLP, LipSwish, SpectralLinear, lipschitz_bound, sync_spectral
+from impflow.nn import ACTIVATIONS, LipschitzMLP, LipSwish, Sine, SpectralLinear, lipschitz_bound, sync_spectral
 
 
 def max_jacobian_norm(g, x):
@@ -71,17 +71,24 @@ def test_weights_fixed_within_a_step():
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_activations_are_1_lipschitz(name):
     act = ACTIVATIONS[name]().double()
-    if isinstance(act, LipSwish):
-        betas = [0.01, 1.0, 5.0, 50.0]
-    else:
-        betas = [None]
+    # LipSwish's β and Sine's ω are learnable: the bound must hold for every value
+    raw = {LipSwish: "raw_beta", Sine: "raw_omega"}.get(type(act))
+    scales = [0.01, 1.0, 5.0, 50.0] if raw else [None]
     x = torch.linspace(-20, 20, 40001, dtype=torch.float64, requires_grad=True)
-    for beta in betas:
-        if beta is not None:
+    for scale in scales:
+        if scale is not None:
             with torch.no_grad():
-                act.raw_beta.copy_(torch.log(torch.expm1(torch.tensor(beta))))
+                getattr(act, raw).copy_(torch.log(torch.expm1(torch.tensor(scale))))
         (d,) = torch.autograd.grad(act(x).sum(), x)
         assert d.abs().max() <= 1.0 + 1e-12
+
+
+def test_sine_frequency():
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    assert torch.allclose(Sine(omega=1.0).double()(x), torch.sin(x), atol=1e-12)
+    assert torch.allclose(Sine().double()(x), torch.sin(5 * x) / 5, atol=1e-6)  # ω₀ = 5 (stored in float32)
+    with pytest.raises(ValueError, match="omega"):
+        Sine(omega=0.0)
 
 
 def test_bad_arguments():

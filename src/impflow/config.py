@@ -180,7 +180,7 @@ class RunConfig:
     coeff: float | None = _opt(
         None, "spectral-norm bound of every layer, in (0, 1) (default 0.97; classify: 0.9)", float
     )
-    activation: str | None = _opt(None, "lipswish, sine, elu or tanh (default lipswish)")
+    activation: str | None = _opt(None, "lipswish, sine (sin(ωx)/ω, learnable ω), elu or tanh (default lipswish)")
     actnorm: bool | None = _opt(
         None,
         "true/false: an ActNorm before every block and at the end (default: the builder's; true for impflow and "

@@ -61,6 +61,7 @@ class Fig3Config:
     resflow_blocks: int = 8
     impflow_blocks: int = 4
     actnorm: bool | None = None  # None: the builders' default (an ActNorm before every block); False: none
+    activation: str | None = None  # None: the builders' default (LipSwish)
     grid: int = 200  # density image resolution
 
     def blocks(self, model: str) -> int:
@@ -90,6 +91,7 @@ def run_config(model: str, cfg: Fig3Config, seed: int, quiet: bool = True) -> Ru
         blocks=cfg.blocks(model),
         hidden=cfg.hidden,
         actnorm=cfg.actnorm,
+        activation=cfg.activation,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,

@@ -178,10 +178,24 @@ class LipSwish(nn.Module):
 
 
 class Sine(nn.Module):
-    """sin(x): 1-Lipschitz."""
+    """Sine(x) = sin(ωx)/ω with learnable frequency ω > 0 (softplus-parameterised); 1-Lipschitz
+    (its derivative is cos(ωx)).
+
+    ω starts at 5 by default, for the reason LipSwish's β starts at 20: under spectral
+    normalisation the pre-activations of a wide first layer span only about ±0.5 over 2-D data,
+    where plain sin(x) is almost linear and training crawls (the README's "Activations" note
+    has the measurements).
+    """
+
+    def __init__(self, omega: float = 5.0) -> None:
+        super().__init__()
+        if omega <= 0:
+            raise ValueError(f"omega must be positive, got {omega}")
+        self.raw_omega = nn.Parameter(torch.tensor(math.log(math.expm1(omega))))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sin(x)
+        omega = F.softplus(self.raw_omega)
+        return torch.sin(omega * x) / omega
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
