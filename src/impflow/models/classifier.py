@@ -86,6 +86,11 @@ def _check_stages(stages: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+def _pooled_head(width: int, pool: int, num_classes: int) -> nn.Module:
+    """(B, width, H, W) -> average-pooled to pool × pool -> linear -> (B, num_classes)."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(width * pool**2, num_classes))
+
+
 def classifier(
     in_shape: int | Sequence[int],
     num_classes: int,
@@ -170,9 +175,7 @@ def classifier(
             nn.Sequential(nn.Conv2d(a, b, 1, stride=2, bias=False), nn.BatchNorm2d(b), nn.ReLU())
             for a, b in zip(widths[:-1], widths[1:])
         ]
-        head: nn.Module = nn.Sequential(
-            nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(widths[-1] * pool**2, num_classes)
-        )
+        head: nn.Module = _pooled_head(widths[-1], pool, num_classes)
         return LipschitzClassifier(stem, layers, head, [blocks] * len(widths), down)
 
     width = width if width is not None else 32
@@ -180,9 +183,7 @@ def classifier(
     if len(in_shape) == 3:
         c, h, w = in_shape
         stem = nn.Conv2d(c, width, 3, padding=1)
-        head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(width * pool**2, num_classes)
-        )
+        head = _pooled_head(width, pool, num_classes)
 
         def net() -> nn.Module:
             return LipschitzConvNet(width, hidden, (width, h, w), kernels, **common)
