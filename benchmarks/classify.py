@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_parts, machine, merged_command, publish, write  # noqa: E402
+from common import arg_type, load_parts, machine, merged_command, publish, write  # noqa: E402
 
+from impflow.config import parse_hidden  # noqa: E402
 from impflow.data.images import load_digits  # noqa: E402
 from impflow.models import classifier  # noqa: E402
 from impflow.solvers import SolverConfig  # noqa: E402
@@ -78,11 +79,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="ResFlow blocks (per stage with --stages; default 4, or 2 per stage); ImpFlow gets half as many",
     )
     p.add_argument(
-        "--stages", type=ints, default=None, metavar="W,W,...",
+        "--stages", type=arg_type(parse_hidden), default=None, metavar="W,W,...",
         help="multi-stage layout: block widths per stage, a 1×1 stride-2 conv + BN + ReLU between "
         "stages (default: one stage of --width)",
     )
-    p.add_argument("--kernels", type=ints, default=[3, 1, 3], metavar="K,K,...", help="conv kernel sizes inside g")
+    p.add_argument("--kernels", type=arg_type(parse_hidden), default=(3, 1, 3), metavar="K,K,...", help="conv kernel sizes inside g")
     p.add_argument("--pool", type=int, default=2)
     p.add_argument("--solver", choices=("fixed_point", "broyden"), default="fixed_point")
     p.add_argument("--tol", type=float, default=None, help="solver tolerance (default 1e-6 in float32)")
@@ -111,17 +112,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resflow_blocks % 2:
         p.error("--resflow-blocks must be even (ImpFlow gets half as many)")
     return args
-
-
-def ints(text: str) -> list[int]:
-    """'16,32' -> [16, 32] (argparse type of --stages and --kernels)."""
-    try:
-        out = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return out
 
 
 def digits(split_seed: int) -> dict[str, torch.Tensor]:
@@ -383,11 +373,9 @@ def merge(args: argparse.Namespace, command: str) -> dict:
     keys = ("epochs", "batch", "lr", "width", "hidden", "resflow_blocks", "pool", "solver", "tol", "split_seed", "vary_split", "shift",
             "stages", "kernels")
     parts, runs = load_parts(
-        args.merge, keys, defaults={"vary_split": False, "shift": 0, "stages": None, "kernels": [3, 1, 3]}
+        args.merge, keys, ("block", "coeff", "seed"),
+        defaults={"vary_split": False, "shift": 0, "stages": None, "kernels": [3, 1, 3]},
     )
-    ids = [(r["block"], r["coeff"], r["seed"]) for r in runs]
-    if len(set(ids)) != len(ids):
-        raise SystemExit("the merged results repeat a (block, c, seed) run")
     coeffs = sorted({r["coeff"] for r in runs}, reverse=True)
     seeds = sorted({r["seed"] for r in runs})
     settings = dict(parts[0]["settings"], coeffs=coeffs, seeds=len(seeds), seed_start=seeds[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 import impflow
+from impflow.config import ConfigError
 from impflow.data import toy2d
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,6 +42,20 @@ def train_briefly(flow: impflow.Flow, steps: int, batch: int = 1000, lr: float =
     return float(loss.detach())
 
 
+def arg_type(parse):
+    """``parse`` (an :mod:`impflow.config` parser such as ``parse_hidden`` or ``parse_switch``) as
+    an argparse type whose ConfigError message becomes the usage error."""
+
+    def wrapped(text: str):
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    wrapped.__name__ = parse.__name__
+    return wrapped
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
@@ -57,10 +73,12 @@ def publish(name: str, payload: dict, md: str, save: bool = True) -> None:
         print(f"wrote {path} and {RESULTS / (name + '.md')}")
 
 
-def load_parts(stems: list[str], keys: tuple[str, ...], defaults: dict | None = None) -> tuple[list[dict], list[dict]]:
+def load_parts(
+    stems: list[str], keys: tuple[str, ...], run_id: tuple[str, ...], defaults: dict | None = None
+) -> tuple[list[dict], list[dict]]:
     """Read results/STEM.json for each stem; check that ``keys`` of their settings agree (a key
-    missing from an older file reads as ``defaults[key]``) and that no (run key) repeats; returns
-    (parts, pooled runs)."""
+    missing from an older file reads as ``defaults[key]``) and that no run repeats (runs are
+    identified by their ``run_id`` fields); returns (parts, pooled runs)."""
     parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in stems]
     defaults = defaults or {}
     get = lambda q, k: q["settings"].get(k, defaults.get(k))
@@ -69,6 +87,9 @@ def load_parts(stems: list[str], keys: tuple[str, ...], defaults: dict | None = 
         if bad:
             raise SystemExit(f"the merged results were run with different settings: {', '.join(bad)}")
     runs = [r for q in parts for r in q["runs"]]
+    ids = [tuple(r[k] for k in run_id) for r in runs]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"the merged results repeat a ({', '.join(run_id)}) run")
     return parts, runs
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_parts, machine, merged_command, publish, write  # noqa: E402
+from common import arg_type, load_parts, machine, merged_command, publish, write  # noqa: E402
 
 from impflow import theory  # noqa: E402
 from impflow.config import parse_switch  # noqa: E402
@@ -82,7 +82,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32, help="channels inside each ResFlow/ImpFlow g")
     p.add_argument("--impflow-blocks", type=int, default=2, help="per scale; ResFlow gets twice as many")
     p.add_argument("--coeff", type=float, default=0.97)
-    p.add_argument("--actnorm", type=parse_switch, default=True,
+    p.add_argument("--actnorm", type=arg_type(parse_switch), default=True,
                    help="true/false: ActNorm first and after every ResFlow/ImpFlow block (false: none, exactly equal "
                         "parameters, the ImpFlow paper's toy protocol)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit α of the preprocessing")
@@ -300,10 +300,7 @@ def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range (or per-model) result files: their runs pooled; the training
     settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
     keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps", "split_seed", "actnorm")
-    parts, runs = load_parts(args.merge, keys, defaults={"actnorm": True})  # older files: ActNorm on
-    pairs = [(r["model"], r["seed"]) for r in runs]
-    if len(set(pairs)) != len(pairs):
-        raise SystemExit("the merged results repeat a (model, seed) run")
+    parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults={"actnorm": True})  # older: ActNorm on
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})
     settings = dict(parts[0]["settings"], models=models, seeds=len(seeds), seed_start=seeds[0])

@@ -32,7 +32,7 @@ from impflow.config import parse_hidden, parse_switch
 from impflow.data import toy2d
 from impflow.experiments import fig3
 
-from common import RESULTS, machine, table, write
+from common import RESULTS, machine, arg_type, table, write
 
 COLUMNS = ["data", "model", "seed", "params", "nll", "nll_bits", "gap", "gap_bits", "wall_seconds", "best_step"]
 SUMMARY = ["data", "model", "params", "nll_mean", "nll_std", "nll_bits_mean", "gap_mean", "gap_bits_mean",
@@ -43,10 +43,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="checkerboard", help="comma-separated toy datasets")
     ap.add_argument("--steps", type=int, default=fig3.FULL.steps)
-    ap.add_argument("--hidden", type=parse_hidden, default=fig3.FULL.hidden)
+    ap.add_argument("--hidden", type=arg_type(parse_hidden), default=fig3.FULL.hidden)
     ap.add_argument("--batch", type=int, default=fig3.FULL.batch_size)
     ap.add_argument("--lr", type=float, default=fig3.FULL.lr)
-    ap.add_argument("--actnorm", type=parse_switch, default=None,
+    ap.add_argument("--actnorm", type=arg_type(parse_switch), default=None,
                     help="true/false for both models (default: the builders' ActNorm before every block; "
                          "the ImpFlow paper's toy code uses none); false adds -noactnorm to the run folders")
     ap.add_argument("--activation", default=None,
