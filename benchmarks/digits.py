@@ -64,6 +64,7 @@ from impflow.solvers import SolverConfig  # noqa: E402
 
 MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
 SHAPE = (1, 8, 8)
+ACTIVATION_NAMES = {"lipswish": "LipSwish", "sine": "sine sin(ωx)/ω", "elu": "ELU", "tanh": "tanh"}
 DIM = 64
 
 
@@ -82,6 +83,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32, help="channels inside each ResFlow/ImpFlow g")
     p.add_argument("--impflow-blocks", type=int, default=2, help="per scale; ResFlow gets twice as many")
     p.add_argument("--coeff", type=float, default=0.97)
+    p.add_argument("--activation", choices=("lipswish", "sine", "elu", "tanh"), default="lipswish",
+                   help="activation inside every ResFlow/ImpFlow g")
     p.add_argument("--actnorm", type=arg_type(parse_switch), default=True,
                    help="true/false: ActNorm first and after every ResFlow/ImpFlow block (false: none, exactly equal "
                         "parameters, the ImpFlow paper's toy protocol)")
@@ -114,7 +117,7 @@ def build(name: str, args: argparse.Namespace, hidden: int | None = None) -> tor
         builder = image_impflow if name == "impflow" else image_resflow
         blocks = (n, n, n) if name == "impflow" else (2 * n, 2 * n, 2 * n)
         return builder(SHAPE, blocks, hidden=args.hidden, coeff=args.coeff, logdet="neumann", solver=solver,
-                       actnorm=args.actnorm)
+                       actnorm=args.actnorm, activation=args.activation)
     h = hidden if hidden is not None else 64
     if name == "glow":
         return glow(shape=SHAPE, steps=args.flow_steps, levels=2, hidden=h)
@@ -259,7 +262,7 @@ def markdown(payload: dict) -> str:
         f"Training: Adam lr {a['lr']}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
         f"{a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
         f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
-        f"kernels 3-1-3, coeff {a['coeff']}, LipSwish, {'ActNorm after every block' if a.get('actnorm', True) else 'no ActNorm'}, no factor-out), Neumann log-det "
+        f"kernels 3-1-3, coeff {a['coeff']}, {ACTIVATION_NAMES[a.get('activation', 'lipswish')]}, {'ActNorm after every block' if a.get('actnorm', True) else 'no ActNorm'}, no factor-out), Neumann log-det "
         f"gradients in training, exact log-dets at evaluation; ImpFlow solver {a['solver']} "
         f"(train tol {a['train_tol'] if a['train_tol'] is not None else '1e-6 default'}). Glow/DLF: image form, "
         f"2 levels × {a['flow_steps']} steps; NSF: vector form on the 64 flattened values "
