@@ -60,6 +60,19 @@ def test_classify_round_trip(tmp_path, capsys, no_plots):
     assert code == 2 and "classify run" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind, blocks", [("impflow", 1), ("resflow", 2)])
+def test_classify_width_list_gives_stages(kind, blocks):
+    # --width 4,8: one stage per width, and the per-stage block default of ResNet's basic block
+    config = RunConfig.from_dict(dict(task="classify", data="digits", model=kind, width="4,8", device="cpu"))
+    kwargs = model_kwargs(config)
+    assert kwargs["stages"] == [4, 8] and kwargs["width"] is None and kwargs["blocks"] == blocks
+    model = build_model(config, kwargs, {"shape": [1, 8, 8], "num_classes": 10})
+    assert model.stage_blocks == [blocks, blocks] and len(model.downsample) == 1
+    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    single = model_kwargs(RunConfig.from_dict(dict(task="classify", data="digits", model=kind, width=[6])))
+    assert single["width"] == single["hidden"] == 6 and "stages" not in single and single["blocks"] == 2 * blocks
+
+
 def test_classify_resumes_exactly(tmp_path):
     config = RunConfig.from_dict(dict(task="classify", data="digits", model="resflow", width=4, blocks=2, steps=8,
                                       batch_size=16, eval_every=3, log_every=2, lr=0.01, device="cpu", quiet=True,

@@ -176,7 +176,13 @@ class RunConfig:
     hidden: tuple[int, ...] | None = _opt(
         None, "hidden widths of each network, e.g. 128,128 (one width for conv and classifier networks)", parse_hidden
     )
-    width: int | None = _opt(None, "classify: channels the classifier's blocks act on (default 32)", int)
+    width: tuple[int, ...] | None = _opt(
+        None,
+        "classify: channels the classifier's blocks act on (default 32); several, e.g. 16,32,64,128, give a "
+        "ResNet-shaped classifier with one stage per width (1x1 stride-2 conv, BatchNorm and ReLU between stages; "
+        "--blocks then counts per stage, default 2 resflow / 1 impflow)",
+        parse_hidden,
+    )
     coeff: float | None = _opt(
         None, "spectral-norm bound of every layer, in (0, 1) (default 0.97; classify: 0.9)", float
     )
@@ -225,7 +231,8 @@ class RunConfig:
     preset: str | None = _opt(None, "the preset this run started from (informational)")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", coerce("hidden", self.hidden, "RunConfig"))  # a list or int -> tuple
+        for name in ("hidden", "width"):  # a list or int -> tuple
+            object.__setattr__(self, name, coerce(name, getattr(self, name), "RunConfig"))
         kind = data_kind(self.data)
         if kind == "tabular" and self.data_root is None:
             raise ConfigError(
@@ -261,8 +268,6 @@ class RunConfig:
                 raise ConfigError("logit_alpha applies to the image layout only (--layout image)")
         if self.logit_alpha is not None and not 0 < self.logit_alpha < 0.5:
             raise ConfigError(f"logit_alpha must lie in (0, 0.5), got {self.logit_alpha}")
-        if self.width is not None and self.width < 1:
-            raise ConfigError(f"width must be at least 1, got {self.width}")
         for name in ("steps", "batch_size", "eval_every", "eval_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -317,7 +322,7 @@ def coerce(name: str, value: Any, source: str | None = "config") -> Any:
         parse, "text"
     )
     prefix = f"{source}: {name}: " if source else ""
-    if name == "hidden" and isinstance(value, (list, tuple)):
+    if name in ("hidden", "width") and isinstance(value, (list, tuple)):
         value = ",".join(map(str, value))
     wrong_bool = isinstance(value, bool) and parse not in (parse_bool, parse_switch)
     if wrong_bool or (parse is int and isinstance(value, float)):
@@ -523,8 +528,14 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
                 value = list(value)
         kwargs[target] = value
     if config.task == "classify":  # the classifier's defaults, recorded
+        width = kwargs["width"]
+        staged = width is not None and len(width) > 1  # several widths: one stage each
         if kwargs.get("blocks") is None:
-            kwargs["blocks"] = 4 if config.model == "resflow" else 2
-        if kwargs.get("hidden") is None:
-            kwargs["hidden"] = kwargs["width"]
+            kwargs["blocks"] = (4 if config.model == "resflow" else 2) // (2 if staged else 1)
+        if staged:
+            kwargs["width"], kwargs["stages"] = None, list(width)
+        else:
+            kwargs["width"] = width if width is None else width[0]
+            if kwargs.get("hidden") is None:
+                kwargs["hidden"] = kwargs["width"]
     return kwargs
