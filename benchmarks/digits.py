@@ -37,7 +37,8 @@ Usage::
     python benchmarks/digits.py --steps 1500 --seeds 3 --models impflow resflow
 
 Results go to ``benchmarks/results/digits.json`` and ``digits.md`` (``--name`` changes the file
-stem); the JSON is rewritten after every run.
+stem); the JSON is rewritten after every run. With ``--eval-every k`` the report adds the test
+bits/dim every k steps (a table, and the plot ``NAME_curves.png``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import arg_type, load_parts, machine, merged_command, publish, write  # noqa: E402
+from common import RESULTS, arg_type, load_parts, machine, merged_command, publish, write  # noqa: E402
 
 from impflow import theory  # noqa: E402
 from impflow.config import parse_switch  # noqa: E402
@@ -296,14 +297,82 @@ def markdown(payload: dict) -> str:
         dev = {m: 100 * (p - pr["resflow"]) / pr["resflow"] for m, p in pr.items()}
         lines.append("Parameter deviation from ResFlow: " + ", ".join(f"{m} {d:+.1f}%" for m, d in dev.items()) + ".")
     lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + curve_markdown(payload))
+
+
+def curves(payload: dict) -> dict[str, dict[int, list[float]]]:
+    """Test bits/dim per model and step over seeds, from the runs' ``--eval-every`` records and
+    their final evaluations: ``{model: {step: [per-seed values]}}``, seeds in run order."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for r in payload["runs"]:
+        points = [(c["step"], c["test_bpd"]) for c in r.get("curve", [])] + [(r["steps"], r["test_bpd"])]
+        for step, v in points:
+            out.setdefault(r["model"], {}).setdefault(step, []).append(v)
+    return out
+
+
+def curve_markdown(payload: dict) -> list[str]:
+    """The learning-curve table (empty without ``--eval-every`` records)."""
+    cs = curves(payload)
+    if not any(len(c) > 1 for c in cs.values()):
+        return []
+    models = [m for m in MODELS if m in cs]
+    steps = sorted({s for c in cs.values() for s in c})
+    paired = "impflow" in cs and "resflow" in cs
+    head = "| step | " + " | ".join(models) + (" | ImpFlow − ResFlow (paired mean; wins) |" if paired else " |")
+    lines = ["Test bits/dim during training (mean over seeds; the last row is the final evaluation above):", "",
+             head, "|---" * (len(models) + 1 + paired) + "|"]
+    for step in steps:
+        cells = [f"{statistics.mean(cs[m][step]):.4f}" if step in cs[m] else "" for m in models]
+        if paired:
+            imp, res = cs["impflow"].get(step, []), cs["resflow"].get(step, [])
+            d = [a - b for a, b in zip(imp, res)] if len(imp) == len(res) else []
+            cells.append(f"{statistics.mean(d):+.4f}; {sum(x < 0 for x in d)}/{len(d)}" if d else "")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot_curves(payload: dict, path: Path) -> bool:
+    """Test bits/dim against steps, one line per model (mean over seeds, seeds as dots), to ``path``
+    (the best affine flow, far above, is in the table)."""
+    cs = curves(payload)
+    if not any(len(c) > 1 for c in cs.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in [m for m in MODELS if m in cs]:
+        steps = sorted(cs[m])
+        line, = ax.plot(steps, [statistics.mean(cs[m][s]) for s in steps], marker="o", ms=3, label=m)
+        for s in steps:
+            ax.scatter([s] * len(cs[m][s]), cs[m][s], s=6, color=line.get_color(), alpha=0.4)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test bits/dim (exact log-det)")
+    ax.set_title(f"Digits 8×8, {len({r['seed'] for r in payload['runs']})} seed(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report(name: str, payload: dict, save: bool = True) -> None:
+    """Publish the markdown and JSON and, with learning curves, ``results/NAME_curves.png``."""
+    publish(name, payload, markdown(payload), save=save)
+    if save and plot_curves(payload, RESULTS / f"{name}_curves.png"):
+        print(f"wrote {RESULTS / (name + '_curves.png')}")
 
 
 def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range (or per-model) result files: their runs pooled; the training
     settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
-    keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps", "split_seed", "actnorm")
-    parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults={"actnorm": True})  # older: ActNorm on
+    keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps",
+            "split_seed", "actnorm", "activation")
+    older = {"actnorm": True, "activation": "lipswish"}  # files written before these options existed
+    parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults=older)
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})
     settings = dict(parts[0]["settings"], models=models, seeds=len(seeds), seed_start=seeds[0])
@@ -320,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         cmd = "python benchmarks/digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
         out = merge(args, cmd)
-        publish(args.name, out, markdown(out))
+        report(args.name, out)
         return out
     torch.set_num_threads(args.threads)
     data = load_digits(seed=args.split_seed)
@@ -362,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not args.no_write:
                 write(args.name, payload())
     out = payload()
-    publish(args.name, out, markdown(out), save=not args.no_write)
+    report(args.name, out, save=not args.no_write)
     return out
 
 
