@@ -97,8 +97,8 @@ def _draw_density(xx: np.ndarray, yy: np.ndarray, logp: np.ndarray, path: str | 
     extent = (xx[0, 0], xx[0, -1], yy[0, 0], yy[-1, 0])
     im = ax.imshow(np.exp(logp), origin="lower", extent=extent, cmap="viridis", aspect="equal")
     fig.colorbar(im, ax=ax, label="p(x)")
-    if title:
-        ax.set_title(title)
+    if title:  # over the whole figure: a long title over the axes alone runs into the colour bar
+        fig.suptitle(title)
     return _save(fig, path)
 
 
