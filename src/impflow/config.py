@@ -21,6 +21,7 @@ from .data import toy2d
 from .data.images import IMAGES, LOGIT_ALPHA
 from .data.tabular import TABULAR
 from .flow import Flow
+from .models.classifier import default_blocks
 
 __all__ = [
     "ConfigError",
@@ -322,7 +323,7 @@ def coerce(name: str, value: Any, source: str | None = "config") -> Any:
         parse, "text"
     )
     prefix = f"{source}: {name}: " if source else ""
-    if name in ("hidden", "width") and isinstance(value, (list, tuple)):
+    if parse is parse_hidden and isinstance(value, (list, tuple)):  # YAML/JSON lists of widths
         value = ",".join(map(str, value))
     wrong_bool = isinstance(value, bool) and parse not in (parse_bool, parse_switch)
     if wrong_bool or (parse is int and isinstance(value, float)):
@@ -531,7 +532,7 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
         width = kwargs["width"]
         staged = width is not None and len(width) > 1  # several widths: one stage each
         if kwargs.get("blocks") is None:
-            kwargs["blocks"] = (4 if config.model == "resflow" else 2) // (2 if staged else 1)
+            kwargs["blocks"] = default_blocks(config.model, staged)
         if staged:
             kwargs["width"], kwargs["stages"] = None, list(width)
         else:

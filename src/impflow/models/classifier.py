@@ -86,6 +86,12 @@ def _check_stages(stages: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+def default_blocks(block: str, staged: bool) -> int:
+    """Blocks when none are given: 4 ResFlow or 2 ImpFlow blocks (equal parameters); with
+    ``staged`` (several stages) half as many per stage, ResNet-18's basic block."""
+    return (4 if block == "resflow" else 2) // (2 if staged else 1)
+
+
 def _pooled_head(width: int, pool: int, num_classes: int) -> nn.Module:
     """(B, width, H, W) -> average-pooled to pool × pool -> linear -> (B, num_classes)."""
     return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(width * pool**2, num_classes))
@@ -138,8 +144,7 @@ def classifier(
     """
     if block not in ("resflow", "impflow"):
         raise ValueError(f"block must be 'resflow' or 'impflow', got {block!r}")
-    per_stage = stages is not None
-    blocks = blocks if blocks is not None else (4 if block == "resflow" else 2) // (2 if per_stage else 1)
+    blocks = blocks if blocks is not None else default_blocks(block, stages is not None)
     if blocks < 1 or num_classes < 2:
         raise ValueError(f"need blocks ≥ 1 and num_classes ≥ 2, got {blocks}, {num_classes}")
     in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
