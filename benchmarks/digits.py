@@ -61,11 +61,11 @@ from impflow.config import parse_switch  # noqa: E402
 from impflow.data.images import bits_per_dim, dequantize, load_digits  # noqa: E402
 from impflow.logdet import exact_logdet  # noqa: E402
 from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
+from impflow.nn import ACTIVATIONS  # noqa: E402
 from impflow.solvers import SolverConfig  # noqa: E402
 
 MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
 SHAPE = (1, 8, 8)
-ACTIVATION_NAMES = {"lipswish": "LipSwish", "sine": "sine sin(ωx)/ω", "elu": "ELU", "tanh": "tanh"}
 DIM = 64
 
 
@@ -84,7 +84,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32, help="channels inside each ResFlow/ImpFlow g")
     p.add_argument("--impflow-blocks", type=int, default=2, help="per scale; ResFlow gets twice as many")
     p.add_argument("--coeff", type=float, default=0.97)
-    p.add_argument("--activation", choices=("lipswish", "sine", "elu", "tanh"), default="lipswish",
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="lipswish",
                    help="activation inside every ResFlow/ImpFlow g")
     p.add_argument("--actnorm", type=arg_type(parse_switch), default=True,
                    help="true/false: ActNorm first and after every ResFlow/ImpFlow block (false: none, exactly equal "
@@ -263,7 +263,7 @@ def markdown(payload: dict) -> str:
         f"Training: Adam lr {a['lr']}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
         f"{a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
         f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
-        f"kernels 3-1-3, coeff {a['coeff']}, {ACTIVATION_NAMES[a.get('activation', 'lipswish')]}, {'ActNorm after every block' if a.get('actnorm', True) else 'no ActNorm'}, no factor-out), Neumann log-det "
+        f"kernels 3-1-3, coeff {a['coeff']}, {a.get('activation', 'lipswish')} activations, {'ActNorm after every block' if a.get('actnorm', True) else 'no ActNorm'}, no factor-out), Neumann log-det "
         f"gradients in training, exact log-dets at evaluation; ImpFlow solver {a['solver']} "
         f"(train tol {a['train_tol'] if a['train_tol'] is not None else '1e-6 default'}). Glow/DLF: image form, "
         f"2 levels × {a['flow_steps']} steps; NSF: vector form on the 64 flattened values "
@@ -300,14 +300,14 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines + curve_markdown(payload))
 
 
-def curves(payload: dict) -> dict[str, dict[int, list[float]]]:
-    """Test bits/dim per model and step over seeds, from the runs' ``--eval-every`` records and
-    their final evaluations: ``{model: {step: [per-seed values]}}``, seeds in run order."""
-    out: dict[str, dict[int, list[float]]] = {}
+def curves(payload: dict) -> dict[str, dict[int, dict[int, float]]]:
+    """Test bits/dim per model, step and seed, from the runs' ``--eval-every`` records and their
+    final evaluations: ``{model: {step: {seed: value}}}``."""
+    out: dict[str, dict[int, dict[int, float]]] = {}
     for r in payload["runs"]:
         points = [(c["step"], c["test_bpd"]) for c in r.get("curve", [])] + [(r["steps"], r["test_bpd"])]
         for step, v in points:
-            out.setdefault(r["model"], {}).setdefault(step, []).append(v)
+            out.setdefault(r["model"], {}).setdefault(step, {})[r["seed"]] = v
     return out
 
 
@@ -323,10 +323,10 @@ def curve_markdown(payload: dict) -> list[str]:
     lines = ["Test bits/dim during training (mean over seeds; the last row is the final evaluation above):", "",
              head, "|---" * (len(models) + 1 + paired) + "|"]
     for step in steps:
-        cells = [f"{statistics.mean(cs[m][step]):.4f}" if step in cs[m] else "" for m in models]
-        if paired:
-            imp, res = cs["impflow"].get(step, []), cs["resflow"].get(step, [])
-            d = [a - b for a, b in zip(imp, res)] if len(imp) == len(res) else []
+        cells = [f"{statistics.mean(cs[m][step].values()):.4f}" if step in cs[m] else "" for m in models]
+        if paired:  # by seed, as comparison()
+            imp, res = cs["impflow"].get(step, {}), cs["resflow"].get(step, {})
+            d = [v - res[seed] for seed, v in imp.items() if seed in res]
             cells.append(f"{statistics.mean(d):+.4f}; {sum(x < 0 for x in d)}/{len(d)}" if d else "")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -347,10 +347,10 @@ def plot_curves(payload: dict, path: Path) -> bool:
     for m in [m for m in MODELS if m in cs]:
         steps = sorted(cs[m])
         seeds = len(cs[m][steps[-1]])
-        line, = ax.plot(steps, [statistics.mean(cs[m][s]) for s in steps], marker="o", ms=3,
+        line, = ax.plot(steps, [statistics.mean(cs[m][s].values()) for s in steps], marker="o", ms=3,
                         label=f"{m} ({seeds} seed{'s' if seeds > 1 else ''})")
         for s in steps:
-            ax.scatter([s] * len(cs[m][s]), cs[m][s], s=6, color=line.get_color(), alpha=0.4)
+            ax.scatter([s] * len(cs[m][s]), list(cs[m][s].values()), s=6, color=line.get_color(), alpha=0.4)
     ax.set_xlabel("training step")
     ax.set_ylabel("test bits/dim (exact log-det)")
     ax.set_title("Digits 8×8: mean over seeds (dots: single seeds)")
