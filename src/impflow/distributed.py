@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import inspect
 import os
-import socket
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,9 @@ __all__ = [
     "spawn",
     "shutdown",
 ]
+
+
+INIT_METHOD = "IMPFLOW_INIT_METHOD"  # rendezvous URL set by ``spawn`` (torchrun's ``env://`` otherwise)
 
 
 def requested_world_size() -> int:
@@ -69,7 +74,12 @@ def init(device: torch.device) -> torch.device:
             device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=os.environ.get(INIT_METHOD, "env://"),
+            rank=int(os.environ.get("RANK", local)),
+            world_size=requested_world_size(),
+        )
     return device
 
 
@@ -141,16 +151,9 @@ def rank_seed(seed: int, rank: int) -> int:
 # --------------------------------------------------------------------------- local launcher
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+def _worker(rank: int, world: int, rendezvous: str, argv: list[str]) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        {INIT_METHOD: rendezvous},
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -171,8 +174,10 @@ def spawn(n: int, argv: Sequence[str]) -> int:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, n, port, list(argv))) for r in range(n)]
+    # A fresh file per launch: no TCP port to pick, so no race with other processes for one.
+    folder = tempfile.mkdtemp(prefix="impflow-rendezvous-")
+    rendezvous = Path(folder, "store").as_uri()
+    procs = [ctx.Process(target=_worker, args=(r, n, rendezvous, list(argv))) for r in range(n)]
     for p in procs:
         p.start()
     code = 0
@@ -190,6 +195,7 @@ def spawn(n: int, argv: Sequence[str]) -> int:
         pass
     for p in procs:
         p.join()
+    shutil.rmtree(folder, ignore_errors=True)
     if code == 0:
         code = next((p.exitcode for p in procs if p.exitcode), 0)
     return 130 if code < 0 and code == -2 else (1 if code < 0 else code)
