@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,9 +56,10 @@ def _torchrun(*args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def _impflow(*args: str) -> subprocess.CompletedProcess:
+def _impflow(*args: str, tmp: Path | None = None) -> subprocess.CompletedProcess:
+    env = _env() | ({"TMPDIR": str(tmp)} if tmp else {})
     done = subprocess.run([sys.executable, "-m", "impflow", *args], capture_output=True, text=True, timeout=120,
-                          env=_env())
+                          env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -116,8 +118,11 @@ def _flags(config: dict) -> list[str]:
 def test_devices_flag_trains_and_resumes_exactly(runs):
     root, _, ranks = runs
     flags = _flags({k: v for k, v in CONFIG.items() if k != "steps"})
-    straight = _impflow("train", "--devices", "2", "--out", str(root / "cli"), "--steps", "10", *flags)
+    tmp = root / "tmp"
+    tmp.mkdir()
+    straight = _impflow("train", "--devices", "2", "--out", str(root / "cli"), "--steps", "10", *flags, tmp=tmp)
     assert straight.stdout.count("trained") == 1  # rank 0 reports alone
+    assert not any(tmp.iterdir())  # the launcher's rendezvous folder is removed
     _impflow("train", "--devices", "2", "--out", str(root / "split"), "--steps", "7", *flags)
     _impflow("train", "--devices", "2", "--out", str(root / "split"), "--resume", "--steps", "10")
     cli = checkpoint.load_weights(root / "cli", "last")
