@@ -89,6 +89,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actnorm", type=arg_type(parse_switch), default=True,
                    help="true/false: ActNorm first and after every ResFlow/ImpFlow block (false: none, exactly equal "
                         "parameters, the ImpFlow paper's toy protocol)")
+    p.add_argument("--inner-actnorm", type=arg_type(parse_switch), default=False,
+                   help="true/false: also an ActNorm inside every ImpFlow block, between (Id + g_x) and the g_z "
+                        "solve, where ResFlow has one between its two blocks (with --actnorm: the same ActNorms "
+                        "and exactly equal parameters)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit α of the preprocessing")
     p.add_argument("--solver", choices=("auto", "fixed_point", "broyden"), default="broyden")
     p.add_argument("--train-tol", type=float, default=None, help="ImpFlow solver tol in training (default 1e-6)")
@@ -115,10 +119,11 @@ def build(name: str, args: argparse.Namespace, hidden: int | None = None) -> tor
     n = args.impflow_blocks
     if name in ("impflow", "resflow"):
         solver = SolverConfig(method=args.solver, tol=args.train_tol)
-        builder = image_impflow if name == "impflow" else image_resflow
-        blocks = (n, n, n) if name == "impflow" else (2 * n, 2 * n, 2 * n)
-        return builder(SHAPE, blocks, hidden=args.hidden, coeff=args.coeff, logdet="neumann", solver=solver,
-                       actnorm=args.actnorm, activation=args.activation)
+        common = dict(hidden=args.hidden, coeff=args.coeff, logdet="neumann", solver=solver, actnorm=args.actnorm,
+                      activation=args.activation)
+        if name == "impflow":
+            return image_impflow(SHAPE, (n, n, n), inner_actnorm=args.inner_actnorm, **common)
+        return image_resflow(SHAPE, (2 * n, 2 * n, 2 * n), **common)
     h = hidden if hidden is not None else 64
     if name == "glow":
         return glow(shape=SHAPE, steps=args.flow_steps, levels=2, hidden=h)
@@ -247,6 +252,14 @@ def comparison(runs: list[dict]) -> dict | None:
     }
 
 
+def actnorm_text(settings: dict) -> str:
+    """Where the ActNorms are, for the settings line (files from before the options: after every block)."""
+    outer = settings.get("actnorm", True)
+    inner = settings.get("inner_actnorm", False)
+    text = "ActNorm after every block" if outer else "no ActNorm"
+    return text + (" and inside every ImpFlow block" if inner else "")
+
+
 def markdown(payload: dict) -> str:
     a, b = payload["settings"], payload["baselines"]
     lines = [
@@ -263,7 +276,7 @@ def markdown(payload: dict) -> str:
         f"Training: Adam lr {a['lr']}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
         f"{a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
         f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
-        f"kernels 3-1-3, coeff {a['coeff']}, {a.get('activation', 'lipswish')} activations, {'ActNorm after every block' if a.get('actnorm', True) else 'no ActNorm'}, no factor-out), Neumann log-det "
+        f"kernels 3-1-3, coeff {a['coeff']}, {a.get('activation', 'lipswish')} activations, {actnorm_text(a)}, no factor-out), Neumann log-det "
         f"gradients in training, exact log-dets at evaluation; ImpFlow solver {a['solver']} "
         f"(train tol {a['train_tol'] if a['train_tol'] is not None else '1e-6 default'}). Glow/DLF: image form, "
         f"2 levels × {a['flow_steps']} steps; NSF: vector form on the 64 flattened values "
@@ -372,8 +385,8 @@ def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range (or per-model) result files: their runs pooled; the training
     settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
     keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps",
-            "split_seed", "actnorm", "activation")
-    older = {"actnorm": True, "activation": "lipswish"}  # files written before these options existed
+            "split_seed", "actnorm", "activation", "inner_actnorm")
+    older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False}  # files written before these options existed
     parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults=older)
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})

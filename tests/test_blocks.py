@@ -14,11 +14,20 @@ D = torch.float64
 
 
 def make_block(kind, dim, seed, dtype=D, hidden=(32, 32), logdet="exact", coeff=0.97):
+    """``kind``: "residual", "implicit", or "implicit-actnorm" (an initialised ActNorm inside)."""
     torch.manual_seed(seed)
     mlp = lambda: LipschitzMLP(dim, hidden, coeff=coeff).to(dtype)
     if kind == "residual":
         return ResidualBlock(mlp(), logdet=logdet)
-    return ImplicitBlock(mlp(), mlp(), logdet=logdet)
+    g_x, g_z = mlp(), mlp()
+    mid = None
+    if kind == "implicit-actnorm":
+        mid = impflow.ActNorm(dim).to(dtype)
+        with torch.no_grad():
+            mid.bias.normal_(0, 0.5)
+            mid.log_scale.normal_(0, 0.5)
+            mid.initialized.fill_(True)
+    return ImplicitBlock(g_x, g_z, logdet=logdet, mid=mid)
 
 
 def inputs(dim, seed, n=16, dtype=D):
@@ -26,7 +35,7 @@ def inputs(dim, seed, n=16, dtype=D):
     return 2 * torch.randn(n, dim, generator=g, dtype=dtype)
 
 
-@pytest.mark.parametrize("kind", ["residual", "implicit"])
+@pytest.mark.parametrize("kind", ["residual", "implicit", "implicit-actnorm"])
 @pytest.mark.parametrize("dim", [1, 2, 5, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_round_trip(kind, dim, dtype, tol):
@@ -42,7 +51,7 @@ def test_round_trip(kind, dim, dtype, tol):
         assert (z - x).abs().max() > 1e-3  # the block is not the identity
 
 
-@pytest.mark.parametrize("kind", ["residual", "implicit"])
+@pytest.mark.parametrize("kind", ["residual", "implicit", "implicit-actnorm"])
 @pytest.mark.parametrize("dim", [1, 2, 5])
 def test_exact_logdet_matches_autograd_jacobian(kind, dim):
     for seed in range(3):
@@ -130,22 +139,40 @@ def test_gradcheck_log_prob_inputs_and_parameters_implicit():
     flow = small_impflow(0)
     x = inputs(2, 0, n=3).requires_grad_()
     torch.autograd.gradcheck(lambda v: flow.log_prob(v), (x,), eps=1e-6, atol=1e-6)
-    params = [p for p in flow.parameters()]
-    names = [n for n, _ in flow.named_parameters()]
-    x = x.detach()
-    grads = torch.autograd.grad(flow.log_prob(x).sum(), params)
-    for name, p, g in zip(names, params, grads):
-        idx = torch.randint(p.numel(), (min(3, p.numel()),))
-        for i in idx.tolist():
+    assert_parameter_gradients_match_fd(flow, lambda: flow.log_prob(x.detach()).sum())
+
+
+def assert_parameter_gradients_match_fd(module, loss, eps=1e-6):
+    """Autograd ∂loss/∂θ against central differences at 3 random entries of every parameter."""
+    named = list(module.named_parameters())
+    grads = torch.autograd.grad(loss(), [p for _, p in named])
+    for (name, p), g in zip(named, grads):
+        for i in torch.randint(p.numel(), (min(3, p.numel()),)).tolist():
             with torch.no_grad():
                 old = p.view(-1)[i].item()
-                p.view(-1)[i] = old + 1e-6
-                up = flow.log_prob(x).sum().item()
-                p.view(-1)[i] = old - 1e-6
-                down = flow.log_prob(x).sum().item()
+                p.view(-1)[i] = old + eps
+                up = loss().item()
+                p.view(-1)[i] = old - eps
+                down = loss().item()
                 p.view(-1)[i] = old
-            fd = (up - down) / 2e-6
+            fd = (up - down) / (2 * eps)
             assert abs(fd - g.view(-1)[i].item()) < 1e-5 * (1 + abs(fd)), (name, i, fd, g.view(-1)[i].item())
+
+
+def test_gradients_of_implicit_block_with_inner_actnorm_match_finite_differences():
+    """z + g_z(z) = ActNorm(x + g_x(x)): gradients of a log-density through the solve and both log-dets."""
+    block = make_block("implicit-actnorm", 3, seed=4, hidden=(8,))
+    for m in block.modules():
+        if hasattr(m, "max_power_iterations"):  # the spectral-norm vectors stay fixed under the perturbations
+            m.n_power_iterations = m.max_power_iterations = 0
+    x = inputs(3, 4, n=4)
+
+    def loss():
+        z, ladj = block(x)
+        return (-0.5 * z.pow(2).sum(1) + ladj).sum()
+
+    assert_parameter_gradients_match_fd(block, loss)
+    assert any(n.startswith("mid.") for n, _ in block.named_parameters())
 
 
 def test_implicit_gradients_match_unrolled_fixed_point():

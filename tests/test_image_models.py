@@ -1,5 +1,7 @@
 """Image residual/implicit blocks with LipschitzConvNet, and the multi-scale image_resflow/image_impflow."""
 
+import functools
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ from impflow.nn.lipschitz_conv import LipschitzConvNet
 from conftest import jacobian_logdet
 
 D = torch.float64
-BUILDERS = {"resflow": image_resflow, "impflow": image_impflow}
+BUILDERS = {"resflow": image_resflow, "impflow": image_impflow,
+            "impflow-inner-actnorm": functools.partial(image_impflow, inner_actnorm=True)}
 SMALL = dict(blocks_per_scale=(1, 1, 1), hidden=8)  # behaviour tests; parity uses the paper's counts
 
 
@@ -69,6 +72,8 @@ def test_parameter_parity_impflow_222_vs_resflow_444():
     res = sum(p.numel() for p in image_resflow((1, 8, 8), (4, 4, 4), hidden=16).parameters())
     imp = sum(p.numel() for p in image_impflow((1, 8, 8), (2, 2, 2), hidden=16).parameters())
     assert abs(imp - res) / res < 0.01
+    inner = image_impflow((1, 8, 8), (2, 2, 2), hidden=16, inner_actnorm=True)
+    assert sum(p.numel() for p in inner.parameters()) == res  # one ActNorm per ResFlow ActNorm
 
 
 def test_layout_and_defaults():

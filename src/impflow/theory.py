@@ -267,8 +267,8 @@ def block_lipschitz_bounds(block: torch.nn.Module) -> dict[str, float]:
     """Certified Lipschitz bounds of a block and of its inverse, c = ``lipschitz_bound(g)``.
 
     * ResidualBlock x + g(x): forward ≤ 1 + c, inverse ≤ 1/(1 − c);
-    * ImplicitBlock (Id + g_z)⁻¹ ∘ (Id + g_x): forward ≤ (1 + c_x)/(1 − c_z),
-      inverse ≤ (1 + c_z)/(1 − c_x);
+    * ImplicitBlock (Id + g_z)⁻¹ ∘ A ∘ (Id + g_x): forward ≤ (1 + c_x)·Lip(A)/(1 − c_z),
+      inverse ≤ (1 + c_z)·Lip(A⁻¹)/(1 − c_x) (A = Id without ``mid``);
     * ActNorm (x + b)·e^s: forward max e^s, inverse max e^{−s};
     * Compose: the products of its members' bounds.
 
@@ -285,7 +285,8 @@ def block_lipschitz_bounds(block: torch.nn.Module) -> dict[str, float]:
         return {"forward": 1 + c, "inverse": inv(c)}
     if isinstance(block, ImplicitBlock):
         cx, cz = lipschitz_bound(block.g_x), lipschitz_bound(block.g_z)
-        return {"forward": (1 + cx) * inv(cz), "inverse": (1 + cz) * inv(cx)}
+        mid = block_lipschitz_bounds(block.mid) if block.mid is not None else {"forward": 1.0, "inverse": 1.0}
+        return {"forward": (1 + cx) * mid["forward"] * inv(cz), "inverse": (1 + cz) * mid["inverse"] * inv(cx)}
     if isinstance(block, ActNorm):
         s = block.log_scale.detach()
         return {"forward": float(s.max().exp()), "inverse": float((-s).max().exp())}

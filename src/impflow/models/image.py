@@ -162,11 +162,15 @@ def image_impflow(
     logit_alpha: float | None = None,
     solver: SolverConfig | None = None,
     n_power_iterations: int = 5,
+    inner_actnorm: bool = False,
 ) -> Flow:
     """A multi-scale Implicit Flow on images: blocks z = (Id + g_z)⁻¹((Id + g_x)(x)).
 
     Arguments as :func:`image_resflow`. Each block has two networks, so ImpFlow (2, 2, 2) has as
-    many networks and parameters (ActNorms aside) as ResFlow (4, 4, 4).
+    many networks and parameters (ActNorms aside) as ResFlow (4, 4, 4). ``inner_actnorm`` also
+    puts an ActNorm inside every block, z = (Id + g_z)⁻¹ ∘ ActNorm ∘ (Id + g_x)(x), where
+    ResFlow (4, 4, 4) has one between its two blocks: with ``actnorm`` too, both then have the same
+    ActNorms and exactly the same parameters.
     """
     logdet = logdet if logdet is not None else default_image_logdet(shape)
     solver = solver if solver is not None else SolverConfig()
@@ -174,7 +178,7 @@ def image_impflow(
     return _image_flow(
         shape,
         blocks_per_scale,
-        lambda s: ImplicitBlock(net(s), net(s), logdet, solver),
+        lambda s: ImplicitBlock(net(s), net(s), logdet, solver, mid=ActNorm(s[0]) if inner_actnorm else None),
         actnorm,
         factor_out,
         logit_alpha,

@@ -156,6 +156,12 @@ class SpectralLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, coeff={self.coeff}"
 
 
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + eˣ), smooth everywhere. ``F.softplus`` switches to x above 20, a jump of ~2e-9
+    right at LipSwish's initial β = 20, which finite-difference gradient checks see."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
 class LipSwish(nn.Module):
     """LipSwish(x) = x·sigmoid(βx)/1.1 with learnable β > 0 (softplus-parameterised); 1-Lipschitz.
 
@@ -173,7 +179,7 @@ class LipSwish(nn.Module):
         self.raw_beta = nn.Parameter(torch.tensor(math.log(math.expm1(beta))))
 
     def forward(self, x: Tensor) -> Tensor:
-        beta = F.softplus(self.raw_beta)
+        beta = _softplus(self.raw_beta)
         return x * torch.sigmoid(beta * x) / 1.1
 
 
@@ -194,7 +200,7 @@ class Sine(nn.Module):
         self.raw_omega = nn.Parameter(torch.tensor(math.log(math.expm1(omega))))
 
     def forward(self, x: Tensor) -> Tensor:
-        omega = F.softplus(self.raw_omega)
+        omega = _softplus(self.raw_omega)
         return torch.sin(omega * x) / omega
 
 

@@ -184,11 +184,7 @@ class VolumeMonitor:
                 "logdet_std": ladj.std().item() if ladj.numel() > 1 else 0.0,
             }
             if self.lipschitz and isinstance(block, (ResidualBlock, ImplicitBlock)):
-                if isinstance(block, ImplicitBlock):
-                    forward = lambda v, b=block: b.fz.inverse(b.fx.map(v))  # noqa: E731 - no log-det
-                else:
-                    forward = block.map
-                entry["lip"] = estimate_lipschitz(forward, x)
+                entry["lip"] = estimate_lipschitz(block.map, x)
                 entry["lip_inv"] = estimate_lipschitz(block.inverse, y.detach())
                 try:
                     bounds = block_lipschitz_bounds(block)

@@ -23,6 +23,10 @@ class ImplicitBlock(Transform):
     * inverse  z → x: y = z + g_z(z), then solve x + g_x(x) = y;
     * log|det ∂z/∂x| = log det(I + J_{g_x}(x)) − log det(I + J_{g_z}(z)).
 
+    With ``mid`` = A (an invertible transform, e.g. :class:`ActNorm`) the block solves
+    z + g_z(z) = A(x + g_x(x)), i.e. z = (Id + g_z)⁻¹ ∘ A ∘ (Id + g_x)(x), and adds log|det J_A|.
+    One ActNorm there gives the block as many ActNorms as the two ResFlow blocks it replaces.
+
     Gradients of the solves use the implicit function theorem (never the iterations). With
     exact log-dets the backward linear system is solved directly with the Jacobian the
     log-det already computed.
@@ -37,10 +41,12 @@ class ImplicitBlock(Transform):
         logdet: str | LogDetConfig = "exact",
         solver: SolverConfig | None = None,
         event_shape: Sequence[int] | None = None,
+        mid: Transform | None = None,
     ) -> None:
         super().__init__()
         solver = solver if solver is not None else SolverConfig()
         self.fx = ResidualBlock(g_x, logdet, solver, event_shape)
+        self.mid = mid
         self.fz = ResidualBlock(g_z, logdet, solver, event_shape)
 
     @property
@@ -62,18 +68,26 @@ class ImplicitBlock(Transform):
         return self.fx.last_solve
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, ladj_x = self.fx(x)
+        y, ladj = self.fx(x)
+        if self.mid is not None:
+            y, ladj_mid = self.mid(y)
+            ladj = ladj + ladj_mid
         z, ladj_z = self.fz.inverse_and_log_det(y)
-        return z, ladj_x + ladj_z
+        return z, ladj + ladj_z
 
     def map(self, x: Tensor) -> Tensor:
         """z = f(x) without the log-determinant (differentiable through the implicit backward)."""
-        return self.fz.inverse(self.fx.map(x))
+        y = self.fx.map(x)
+        return self.fz.inverse(y if self.mid is None else self.mid(y)[0])
 
     def inverse(self, z: Tensor) -> Tensor:
-        return self.fx.inverse(self.fz.map(z))
+        y = self.fz.map(z)
+        return self.fx.inverse(y if self.mid is None else self.mid.inverse(y))
 
     def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        y, ladj_z = self.fz(z)
+        y, ladj = self.fz(z)
+        if self.mid is not None:
+            y, ladj_mid = self.mid.inverse_and_log_det(y)
+            ladj = ladj + ladj_mid
         x, ladj_x = self.fx.inverse_and_log_det(y)
-        return x, ladj_z + ladj_x
+        return x, ladj + ladj_x
