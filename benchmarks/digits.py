@@ -93,6 +93,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="true/false: also an ActNorm inside every ImpFlow block, between (Id + g_x) and the g_z "
                         "solve, where ResFlow has one between its two blocks (with --actnorm: the same ActNorms "
                         "and exactly equal parameters)")
+    p.add_argument("--resflow-actnorm-every", type=int, default=1,
+                   help="with --actnorm: ResFlow's ActNorms after every k-th block only; 2 puts them where "
+                        "ImpFlow has its (exactly equal parameters)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit α of the preprocessing")
     p.add_argument("--solver", choices=("auto", "fixed_point", "broyden"), default="broyden")
     p.add_argument("--train-tol", type=float, default=None, help="ImpFlow solver tol in training (default 1e-6)")
@@ -123,7 +126,7 @@ def build(name: str, args: argparse.Namespace, hidden: int | None = None) -> tor
                       activation=args.activation)
         if name == "impflow":
             return image_impflow(SHAPE, (n, n, n), inner_actnorm=args.inner_actnorm, **common)
-        return image_resflow(SHAPE, (2 * n, 2 * n, 2 * n), **common)
+        return image_resflow(SHAPE, (2 * n, 2 * n, 2 * n), actnorm_every=args.resflow_actnorm_every, **common)
     h = hidden if hidden is not None else 64
     if name == "glow":
         return glow(shape=SHAPE, steps=args.flow_steps, levels=2, hidden=h)
@@ -256,7 +259,14 @@ def actnorm_text(settings: dict) -> str:
     """Where the ActNorms are, for the settings line (files from before the options: after every block)."""
     outer = settings.get("actnorm", True)
     inner = settings.get("inner_actnorm", False)
-    text = "ActNorm after every block" if outer else "no ActNorm"
+    every = settings.get("resflow_actnorm_every", 1)
+    if not outer:
+        text = "no ActNorm"
+    elif every > 1:
+        nth = {2: "second", 3: "third"}.get(every, f"{every}th")
+        text = f"ActNorm after every ImpFlow block and after every {nth} ResFlow block"
+    else:
+        text = "ActNorm after every block"
     return text + (" and inside every ImpFlow block" if inner else "")
 
 
@@ -385,8 +395,8 @@ def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range (or per-model) result files: their runs pooled; the training
     settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
     keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps",
-            "split_seed", "actnorm", "activation", "inner_actnorm")
-    older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False}  # files written before these options existed
+            "split_seed", "actnorm", "activation", "inner_actnorm", "resflow_actnorm_every")
+    older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False, "resflow_actnorm_every": 1}  # files written before these options existed
     parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults=older)
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})

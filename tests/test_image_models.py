@@ -74,6 +74,14 @@ def test_parameter_parity_impflow_222_vs_resflow_444():
     assert abs(imp - res) / res < 0.01
     inner = image_impflow((1, 8, 8), (2, 2, 2), hidden=16, inner_actnorm=True)
     assert sum(p.numel() for p in inner.parameters()) == res  # one ActNorm per ResFlow ActNorm
+    pairs = image_resflow((1, 8, 8), (4, 4, 4), hidden=16, actnorm_every=2)
+    assert sum(p.numel() for p in pairs.parameters()) == sum(p.numel() for p in image_impflow(
+        (1, 8, 8), (2, 2, 2), hidden=16).parameters())  # ActNorms where ImpFlow has its
+    layers = [type(t).__name__ for t in pairs.transform.blocks[0]]
+    assert layers[:7] == ["ActNorm", "ResidualBlock", "ResidualBlock", "ActNorm", "ResidualBlock", "ResidualBlock",
+                          "ActNorm"]
+    with pytest.raises(ValueError, match="actnorm_every"):
+        image_resflow((1, 8, 8), 2, hidden=4, actnorm_every=0)
 
 
 def test_layout_and_defaults():

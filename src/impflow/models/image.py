@@ -69,14 +69,18 @@ def _image_flow(
     actnorm: bool,
     factor_out: bool,
     logit_alpha: float | None,
+    actnorm_every: int = 1,
 ) -> Flow:
-    """Assemble the layout of the module docstring from ``block(shape_of_scale)``."""
+    """Assemble the layout of the module docstring from ``block(shape_of_scale)``; with
+    ``actnorm_every`` = k the ActNorms follow every k-th block of a scale (and its last one)."""
     shape = tuple(shape)
     counts = (blocks_per_scale,) * 3 if isinstance(blocks_per_scale, int) else tuple(blocks_per_scale)
     if len(shape) != 3:
         raise ValueError(f"shape must be (C, H, W), got {shape}")
     if not counts or min(counts) < 1:
         raise ValueError(f"need at least one scale and one block per scale, got {counts}")
+    if actnorm_every < 1:
+        raise ValueError(f"actnorm_every must be at least 1, got {actnorm_every}")
     c, h, w = shape
     squeezes = len(counts) - 1
     if h % 2**squeezes or w % 2**squeezes:
@@ -86,9 +90,9 @@ def _image_flow(
     factored: list[Shape] = []
     layers: list[Transform] = [ActNorm(c)] if actnorm else []
     for scale, n in enumerate(counts):
-        for _ in range(n):
+        for i in range(n):
             layers.append(block((c, h, w)))
-            if actnorm:
+            if actnorm and ((i + 1) % actnorm_every == 0 or i + 1 == n):
                 layers.append(ActNorm(c))
         if scale == squeezes:
             break
@@ -128,6 +132,7 @@ def image_resflow(
     logit_alpha: float | None = None,
     solver: SolverConfig | None = None,
     n_power_iterations: int = 5,
+    actnorm_every: int = 1,
 ) -> Flow:
     """A multi-scale Residual Flow on images of ``shape`` (C, H, W): blocks z = x + g(x).
 
@@ -137,6 +142,9 @@ def image_resflow(
         coeff: operator-norm bound of each conv (Lip(g) ≤ coeff^len(kernels)).
         logdet: estimator; None picks :func:`default_image_logdet` (exact for C·H·W ≤ 64).
         actnorm: ActNorm first and after every block.
+        actnorm_every: with ``actnorm``, the ActNorms after every k-th block of a scale only (and
+            its last): k = 2 puts them where ImpFlow with half the blocks has its, with exactly
+            its parameters.
         factor_out: send half the channels to the latent after each squeeze.
         logit_alpha: if given, a :class:`~impflow.transforms.elementwise.Logit` first (data in [0, 1]).
         solver: root-solver settings of the inverses.
@@ -145,7 +153,13 @@ def image_resflow(
     solver = solver if solver is not None else SolverConfig()
     net = _conv_net_factory(hidden, kernels, coeff, activation, n_power_iterations)
     return _image_flow(
-        shape, blocks_per_scale, lambda s: ResidualBlock(net(s), logdet, solver), actnorm, factor_out, logit_alpha
+        shape,
+        blocks_per_scale,
+        lambda s: ResidualBlock(net(s), logdet, solver),
+        actnorm,
+        factor_out,
+        logit_alpha,
+        actnorm_every,
     )
 
 
