@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import arg_type, load_parts, machine, merged_command, publish, write  # noqa: E402
+from common import arg_type, load_parts, machine, merged_command, publish, seeds_text, write  # noqa: E402
 
 from impflow.config import parse_hidden  # noqa: E402
 from impflow.data.images import load_digits  # noqa: E402
@@ -303,7 +303,7 @@ def markdown(payload: dict) -> str:
         + (f"random shifts of up to {a['shift']} px (zero fill) on training batches.  " if a.get("shift") else "no augmentation.  "),
         model_line(a),
         f"Training: cross-entropy, Adam lr {a['lr']} with cosine annealing, batch {a['batch']}, "
-        f"{a['epochs']} epochs ({payload['steps']} steps), seeds {a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1} "
+        f"{a['epochs']} epochs ({payload['steps']} steps), seeds {seeds_text(payload['runs'])} "
         f"(same init seed and batch order for both blocks). ImpFlow solver: {a['solver']}, "
         f"tol {a['tol'] if a['tol'] is not None else '1e-6 (default)'}.",
         "",

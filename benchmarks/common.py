@@ -97,6 +97,14 @@ def merged_command(command: str, parts: list[dict]) -> str:
     return command + "  (merging: " + "; ".join(q["command"] for q in parts) + ")"
 
 
+def seeds_text(runs: list[dict]) -> str:
+    """The seeds of ``runs``: "0..4" when contiguous, else "0, 3" (merged runs may skip some)."""
+    seeds = sorted({r["seed"] for r in runs})
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}..{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     """A markdown table of ``rows`` restricted to ``cols``."""
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)

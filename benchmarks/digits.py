@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, arg_type, load_parts, machine, merged_command, publish, write  # noqa: E402
+from common import RESULTS, arg_type, load_parts, machine, merged_command, publish, seeds_text, write  # noqa: E402
 
 from impflow import theory  # noqa: E402
 from impflow.config import parse_switch  # noqa: E402
@@ -284,7 +284,7 @@ def markdown(payload: dict) -> str:
         f"{payload['data']['n_test']} test), 17 levels, uniform dequantisation, logit α = {a['alpha']}; "
         "bits/dim include the logit Jacobian and the 64·ln 17 scaling.  ",
         f"Training: Adam lr {a['lr']}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
-        f"{a.get('seed_start', 0)}..{a.get('seed_start', 0) + a['seeds'] - 1}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
+        f"{seeds_text(payload['runs'])}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
         f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
         f"kernels 3-1-3, coeff {a['coeff']}, {a.get('activation', 'lipswish')} activations, {actnorm_text(a)}, no factor-out), Neumann log-det "
         f"gradients in training, exact log-dets at evaluation; ImpFlow solver {a['solver']} "
