@@ -11,6 +11,7 @@ Outside such an environment every helper here is a no-op and training is single-
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import shutil
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .nn.lipschitz import SpectralLinear
 
 __all__ = [
     "requested_world_size",
@@ -84,7 +87,11 @@ def init(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group. Wrappers that hold it (DDP and its reducer form reference cycles)
+    are collected first: one left to interpreter exit took the gloo threads down with it there,
+    and the process aborted ("terminate called without an active exception", 2 of 40 runs)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -138,9 +145,17 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     broadcasts them after each optimiser step instead."""
     ids = [device.index] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel
+    current = [m for m in model.modules() if isinstance(m, SpectralLinear) and m.current]
     if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:  # newer torch's spelling
-        return ddp(model, device_ids=ids, forward_sync_buffers=False)
-    return ddp(model, device_ids=ids, broadcast_buffers=False)
+        wrapped = ddp(model, device_ids=ids, forward_sync_buffers=False)
+    else:
+        wrapped = ddp(model, device_ids=ids, broadcast_buffers=False)
+    # construction broadcasts rank 0's parameters in place: the values every rank already has, but
+    # new version counters, which would make the spectral layers refine u, v once more than a run
+    # that was never wrapped (or wrapped at another step) and break bit-exact resumption
+    for m in current:
+        m.mark_current()
+    return wrapped
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -118,7 +118,7 @@ class SpectralLinear(nn.Module):
         σ/σ̂_before ≥ 1 of the running estimate. Power iteration warm-started after a large
         optimiser step can sit near a former top direction and underestimate σ by a few
         percent; syncing periodically makes ‖W̃‖₂ ≤ coeff hold exactly again."""
-        if self.weight._version != self._seen_version:
+        if not self.current:
             self.power_iteration()
         before = float(self.sigma())
         A = self.dense_operator()
@@ -127,6 +127,11 @@ class SpectralLinear(nn.Module):
         self.v.copy_(Vh[0].reshape(self.v.shape))
         self._seen_version = self.weight._version
         return float(S[0]) / max(before, 1e-30)
+
+    @property
+    def current(self) -> bool:
+        """Whether ``u``, ``v`` were refined for the weight as it is now (no refinement pending)."""
+        return self.weight._version == self._seen_version
 
     def mark_current(self) -> None:
         """Declare ``u``, ``v`` current for the present W (e.g. after loading a checkpoint whose
@@ -140,7 +145,7 @@ class SpectralLinear(nn.Module):
 
     def sigma(self) -> Tensor:
         """σ̂ = ⟨u, W v⟩, differentiable in W."""
-        if self.weight._version != self._seen_version:
+        if not self.current:
             self.power_iteration()
         return torch.sum(self.u * self._matvec(self.weight, self.v))
 
