@@ -35,6 +35,7 @@ from impflow.experiments import fig3
 from common import RESULTS, machine, arg_type, table, write
 
 COLUMNS = ["data", "model", "seed", "params", "nll", "nll_bits", "gap", "gap_bits", "wall_seconds", "best_step"]
+ORDINAL = {2: "second", 3: "third", 4: "fourth"}
 SUMMARY = ["data", "model", "params", "nll_mean", "nll_std", "nll_bits_mean", "gap_mean", "gap_bits_mean",
            "wall_seconds_mean"]
 
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--actnorm", type=arg_type(parse_switch), default=None,
                     help="true/false for both models (default: the builders' ActNorm before every block; "
                          "the ImpFlow paper's toy code uses none); false adds -noactnorm to the run folders")
+    ap.add_argument("--resflow-actnorm-every", type=int, default=1,
+                    help="2: ResFlow-8's ActNorms before every second block only, 5 like ImpFlow-4's "
+                    "(exactly equal parameters)")
     ap.add_argument("--activation", default=None,
                     help="activation of every g for both models (default: the builders' LipSwish); "
                          "adds -ACTIVATION to the run folders")
@@ -65,8 +69,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = replace(fig3.FULL, steps=args.steps, hidden=tuple(args.hidden), batch_size=args.batch, lr=args.lr,
                    warmup=min(fig3.FULL.warmup, args.steps // 10), actnorm=args.actnorm,
-                   activation=args.activation)
-    suffix = ("-noactnorm" if args.actnorm is False else "") + (f"-{args.activation}" if args.activation else "")
+                   activation=args.activation, resflow_actnorm_every=args.resflow_actnorm_every)
+    every = args.resflow_actnorm_every
+    suffix = (("-noactnorm" if args.actnorm is False else "") + (f"-{args.activation}" if args.activation else "")
+              + (f"-actnorm-every{every}" if every != 1 and args.actnorm is not False else ""))
     start = time.perf_counter()
     rows = []
     for data in datasets:
@@ -107,9 +113,12 @@ def main() -> None:
             f"seeds {','.join(map(str, seeds))}, {args.threads} thread(s); torch {m['torch']}, {m['cpu']}, "
             f"{m['date']} (shared 2-core machine).",
             "ActNorm: " + ("none (the ImpFlow paper's toy protocol; equal parameter counts)" if args.actnorm is False
-                           else "before every block and at the end (ResFlow-8: 9, ImpFlow-4: 5)") + ". "
+                           else "before every block and at the end (ResFlow-8: 9, ImpFlow-4: 5)" if every == 1
+                           else f"before every {ORDINAL.get(every, f'{every}-th')} ResFlow-8 block and every "
+                           f"ImpFlow-4 block, and at the end (ResFlow-8: {-(-8 // every) + 1}, ImpFlow-4: 5)") + ". "
             f"Activation: {args.activation or 'lipswish (default)'}.",
             f"Command: `python benchmarks/toy2d.py{' --actnorm false' if args.actnorm is False else ''}"
+            f"{f' --resflow-actnorm-every {every}' if every != 1 else ''}"
             f"{' --activation ' + args.activation if args.activation else ''} --seeds {args.seeds} "
             f"--steps {base.steps} --name {args.name}` (finished runs under {args.runs} are reused).",
             "NLL in nats (bits = nats / ln 2), gap = NLL − entropy.",

@@ -115,6 +115,18 @@ def test_actnorm_switch(tmp_path, capsys, no_plots, source):
     assert "ResidualBlock" in kinds and "ActNorm" not in kinds
 
 
+@pytest.mark.parametrize("model, flag", [("resflow", ["--actnorm-every", "2"]), ("impflow", ["--inner-actnorm", "true"])])
+def test_actnorm_placement_flags(tmp_path, capsys, no_plots, model, flag):
+    """--actnorm-every 2 (ResFlow) and --inner-actnorm true (ImpFlow) reach the builder and the saved run."""
+    code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--model", model, "--steps", "2",
+                       "--eval-every", "2", *flag, *TINY[2:], "--blocks", "2")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model_kwargs"]
+    assert saved["actnorm_every" if model == "resflow" else "inner_actnorm"] in (2, True)
+    flow = impflow.load(tmp_path / "run")
+    assert sum(isinstance(m, impflow.ActNorm) for m in flow.modules()) == (2 if model == "resflow" else 5)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -131,6 +143,8 @@ def test_actnorm_switch(tmp_path, capsys, no_plots, source):
         (["train", "--out", "{run}", "--resume", "--blocks", "2"], "--resume cannot change it"),
         (["train", "--out", "{tmp}/r", "--actnorm", "maybe"], "expected true or false"),
         (["train", "--out", "{tmp}/r", "--model", "maf", "--actnorm", "false"], "has no setting 'actnorm'"),
+        (["train", "--out", "{tmp}/r", "--model", "impflow", "--actnorm-every", "2"], "has no setting 'actnorm_every'"),
+        (["train", "--out", "{tmp}/r", "--actnorm-every", "0"], "actnorm_every must be at least 1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, request, argv, message):

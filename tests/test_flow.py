@@ -76,5 +76,11 @@ def test_builders_defaults_and_parameter_parity():
     n_res = sum(p.numel() for p in impflow.models.resflow(dim=2).parameters())
     assert abs(n_imp - n_res) / n_res < 1e-3  # same networks, only the ActNorm count differs
     assert default_logdet(2) == "exact" and default_logdet(784) == "unbiased"
+    # equal ActNorms, exactly equal parameters: ResFlow's every second one, or ImpFlow's inside its blocks
+    count = lambda f: (sum(isinstance(m, impflow.ActNorm) for m in f.modules()), sum(p.numel() for p in f.parameters()))
+    assert count(impflow.models.resflow(dim=2, actnorm_every=2)) == count(flow) == (5, n_imp)
+    assert count(impflow.models.impflow(dim=2, inner_actnorm=True)) == count(impflow.models.resflow(dim=2)) == (9, n_res)
+    with pytest.raises(ValueError, match="actnorm_every"):
+        impflow.models.resflow(dim=2, actnorm_every=0)
     with pytest.raises(ValueError, match="blocks"):
         impflow.models.impflow(dim=2, blocks=0)

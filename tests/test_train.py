@@ -216,8 +216,17 @@ def test_config_precedence_and_errors(tmp_path):
 
 def test_model_registry_kwargs():
     assert model_kwargs(RunConfig(model="resflow")) == {
-        "blocks": 8, "hidden": [128, 128], "coeff": 0.97, "activation": "lipswish", "actnorm": True, "logdet": None
+        "blocks": 8, "hidden": [128, 128], "coeff": 0.97, "activation": "lipswish", "actnorm": True,
+        "actnorm_every": 1, "logdet": None,
     }
+    assert model_kwargs(RunConfig(model="impflow", inner_actnorm=True))["inner_actnorm"] is True
+    assert model_kwargs(RunConfig(model="image-resflow", data="digits", actnorm_every=2))["actnorm_every"] == 2
+    with pytest.raises(ConfigError, match="has no setting 'actnorm_every'"):
+        model_kwargs(RunConfig(model="impflow", actnorm_every=2))
+    with pytest.raises(ConfigError, match="has no setting 'inner_actnorm'"):
+        model_kwargs(RunConfig(model="resflow", inner_actnorm=True))
+    with pytest.raises(ConfigError, match="actnorm_every must be at least 1"):
+        RunConfig(model="resflow", actnorm_every=0)
     if "realnvp" not in model_names():
         pytest.skip("impflow.models.classic not available")
     assert model_kwargs(RunConfig(model="realnvp", blocks=2, hidden=(32,))) == {"steps": 2, "hidden": 32, "actnorm": None}

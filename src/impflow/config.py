@@ -194,6 +194,18 @@ class RunConfig:
         "resflow). The ImpFlow paper's toy runs use none; see benchmarks/toy2d.py --actnorm false",
         parse_switch,
     )
+    actnorm_every: int | None = _opt(
+        None,
+        "resflow / image-resflow: the ActNorms at every k-th block only (default 1: at every block). "
+        "k = 2 gives ResFlow the ActNorms, and exactly the parameters, of the ImpFlow with half its blocks",
+        int,
+    )
+    inner_actnorm: bool | None = _opt(
+        None,
+        "impflow / image-impflow, true/false: also an ActNorm inside every block, z = (Id + g_z)^-1(ActNorm(x + "
+        "g_x(x))), where the ResFlow with twice the blocks has one between its two blocks (default false)",
+        parse_switch,
+    )
     logdet: str | None = _opt(
         None,
         "training log-det estimator: exact, unbiased or neumann (default exact up to 16-D vectors and 64-D "
@@ -275,6 +287,8 @@ class RunConfig:
         for name in ("warmup", "train_size", "threads", "clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.actnorm_every is not None and self.actnorm_every < 1:
+            raise ConfigError(f"actnorm_every must be at least 1, got {self.actnorm_every}")
         if self.blocks is not None and self.blocks < 1:
             raise ConfigError(f"blocks must be at least 1, got {self.blocks}")
         if not self.lr > 0:
@@ -496,6 +510,8 @@ _MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "coeff": ("coeff",),
     "activation": ("activation",),
     "actnorm": ("actnorm",),
+    "actnorm_every": ("actnorm_every",),
+    "inner_actnorm": ("inner_actnorm",),
     "logdet": ("logdet",),
 }
 

@@ -61,6 +61,7 @@ class Fig3Config:
     resflow_blocks: int = 8
     impflow_blocks: int = 4
     actnorm: bool | None = None  # None: the builders' default (an ActNorm before every block); False: none
+    resflow_actnorm_every: int = 1  # 2: ResFlow's ActNorms before every second block only (ImpFlow's count)
     activation: str | None = None  # None: the builders' default (LipSwish)
     grid: int = 200  # density image resolution
 
@@ -91,6 +92,7 @@ def run_config(model: str, cfg: Fig3Config, seed: int, quiet: bool = True) -> Ru
         blocks=cfg.blocks(model),
         hidden=cfg.hidden,
         actnorm=cfg.actnorm,
+        actnorm_every=cfg.resflow_actnorm_every if model == "resflow" and cfg.resflow_actnorm_every != 1 else None,
         activation=cfg.activation,
         steps=cfg.steps,
         batch_size=cfg.batch_size,

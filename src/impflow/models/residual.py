@@ -24,10 +24,13 @@ def default_logdet(dim: int) -> str:
     return "exact" if dim <= EXACT_MAX_DIM else "unbiased"
 
 
-def _stack(dim: int, blocks: list[Transform], actnorm: bool) -> Flow:
+def _stack(dim: int, blocks: list[Transform], actnorm: bool, actnorm_every: int = 1) -> Flow:
+    """(ActNorm →) block, …, (ActNorm); with ``actnorm_every`` = k an ActNorm before every k-th block only."""
+    if actnorm_every < 1:
+        raise ValueError(f"actnorm_every must be at least 1, got {actnorm_every}")
     layers: list[Transform] = []
-    for b in blocks:
-        if actnorm:
+    for i, b in enumerate(blocks):
+        if actnorm and i % actnorm_every == 0:
             layers.append(ActNorm(dim))
         layers.append(b)
     if actnorm:
@@ -50,13 +53,20 @@ def resflow(
     actnorm: bool = True,
     solver: SolverConfig | None = None,
     n_power_iterations: int = 5,
+    actnorm_every: int = 1,
 ) -> Flow:
-    """A Residual Flow: ``blocks`` × (ActNorm →) ResidualBlock(x + g(x)), each g a LipschitzMLP."""
+    """A Residual Flow: ``blocks`` × (ActNorm →) ResidualBlock(x + g(x)), each g a LipschitzMLP.
+
+    ``actnorm_every`` = k puts the ActNorms before every k-th block only (and at the end): k = 2
+    gives a 2k-block ResFlow the ActNorms, and exactly the parameters, of a k-block ImpFlow.
+    """
     _check(dim, blocks)
     logdet = logdet if logdet is not None else default_logdet(dim)
     solver = solver if solver is not None else SolverConfig()
     mlp = dict(hidden=hidden, coeff=coeff, activation=activation, n_power_iterations=n_power_iterations)
-    return _stack(dim, [ResidualBlock(LipschitzMLP(dim, **mlp), logdet, solver) for _ in range(blocks)], actnorm)
+    return _stack(
+        dim, [ResidualBlock(LipschitzMLP(dim, **mlp), logdet, solver) for _ in range(blocks)], actnorm, actnorm_every
+    )
 
 
 def impflow(
@@ -69,10 +79,13 @@ def impflow(
     actnorm: bool = True,
     solver: SolverConfig | None = None,
     n_power_iterations: int = 5,
+    inner_actnorm: bool = False,
 ) -> Flow:
     """An Implicit Flow: ``blocks`` × (ActNorm →) ImplicitBlock(g_x, g_z), each g a LipschitzMLP.
 
-    A k-block ImpFlow has as many networks and parameters as a 2k-block ResFlow.
+    A k-block ImpFlow has as many networks and parameters as a 2k-block ResFlow (ActNorms aside).
+    ``inner_actnorm`` also puts an ActNorm inside every block, z = (Id + g_z)⁻¹ ∘ ActNorm ∘
+    (Id + g_x)(x): with ``actnorm`` too it then has the ActNorms of the 2k-block ResFlow.
     """
     _check(dim, blocks)
     logdet = logdet if logdet is not None else default_logdet(dim)
@@ -80,6 +93,12 @@ def impflow(
     mlp = dict(hidden=hidden, coeff=coeff, activation=activation, n_power_iterations=n_power_iterations)
     return _stack(
         dim,
-        [ImplicitBlock(LipschitzMLP(dim, **mlp), LipschitzMLP(dim, **mlp), logdet, solver) for _ in range(blocks)],
+        [
+            ImplicitBlock(
+                LipschitzMLP(dim, **mlp), LipschitzMLP(dim, **mlp), logdet, solver,
+                mid=ActNorm(dim) if inner_actnorm else None,
+            )
+            for _ in range(blocks)
+        ],
         actnorm,
     )
