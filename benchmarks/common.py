@@ -17,11 +17,26 @@ from impflow.data import toy2d
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the architecture where that is unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
+    """What a result was measured on. ``cpu_capability`` is the SIMD level torch dispatches to:
+    kernels of different levels round differently, so a seeded run reproduces bitwise only on
+    the same level (training amplifies the last-bit differences)."""
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -63,14 +78,25 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
+OBSERVATIONS = "## Observations"
+
+
 def publish(name: str, payload: dict, md: str, save: bool = True) -> None:
-    """Print the markdown report and, if ``save``, write results/NAME.json and results/NAME.md."""
+    """Print the markdown report and, if ``save``, write results/NAME.json and results/NAME.md.
+    A hand-written section of the old NAME.md that starts with ``## Observations`` (to the end of
+    the file) is carried over to the new one, with a reminder to check it against the new numbers."""
     print()
     print(md)
     if save:
         path = write(name, payload)
-        (RESULTS / f"{name}.md").write_text(md)
-        print(f"wrote {path} and {RESULTS / (name + '.md')}")
+        md_path = RESULTS / f"{name}.md"
+        old = md_path.read_text() if md_path.exists() else ""
+        at = old.find("\n" + OBSERVATIONS)
+        if at >= 0:
+            md = md.rstrip("\n") + "\n" + old[at:]
+            print(f"kept the hand-written observations of {md_path}: check them against the numbers above")
+        md_path.write_text(md)
+        print(f"wrote {path} and {md_path}")
 
 
 def load_parts(
