@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,14 +30,16 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    """What a result was measured on. ``cpu_capability`` is the SIMD level torch dispatches to:
-    kernels of different levels round differently, so a seeded run reproduces bitwise only on
-    the same level (training amplifies the last-bit differences)."""
+    """What a result was measured on. Seeded runs reproduce bitwise only where the kernels round
+    alike: the CPU's instruction set decides which oneDNN convolution kernels run (training
+    amplifies their last-bit differences), so the ISA cap ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``
+    on an AVX-512 machine) is recorded with the CPU and ATen's own dispatch level."""
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }

@@ -39,10 +39,12 @@ def test_publish_without_save_writes_nothing(results):
     assert not list(results.iterdir())
 
 
-def test_machine_names_cpu_and_kernel_level():
+def test_machine_names_cpu_and_kernel_level(monkeypatch):
     import torch
 
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     m = common.machine()
+    assert m["onednn_max_cpu_isa"] == "AVX2"
     assert isinstance(m["cpu"], str) and m["cpu"]
     assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert m["threads"] == torch.get_num_threads()
