@@ -107,7 +107,8 @@ def load_parts(
 ) -> tuple[list[dict], list[dict]]:
     """Read results/STEM.json for each stem; check that ``keys`` of their settings agree (a key
     missing from an older file reads as ``defaults[key]``) and that no run repeats (runs are
-    identified by their ``run_id`` fields); returns (parts, pooled runs)."""
+    identified by their ``run_id`` fields); returns (parts, pooled runs), each run carrying its
+    part's ``machine`` record."""
     parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in stems]
     defaults = defaults or {}
     get = lambda q, k: q["settings"].get(k, defaults.get(k))
@@ -115,11 +116,40 @@ def load_parts(
         bad = [k for k in keys if get(q, k) != get(parts[0], k)]
         if bad:
             raise SystemExit(f"the merged results were run with different settings: {', '.join(bad)}")
+    for q in parts:  # each run remembers where it ran (a merged file's runs already do)
+        for r in q["runs"]:
+            r.setdefault("machine", q["machine"])
     runs = [r for q in parts for r in q["runs"]]
     ids = [tuple(r[k] for k in run_id) for r in runs]
     if len(set(ids)) != len(ids):
         raise SystemExit(f"the merged results repeat a ({', '.join(run_id)}) run")
     return parts, runs
+
+
+MACHINE_KEYS = ("cpu", "cpu_capability", "onednn_max_cpu_isa", "torch", "threads")
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two ``machine()`` records describe the same hardware and software (dates aside)."""
+    return all(a.get(k) == b.get(k) for k in MACHINE_KEYS)
+
+
+def machines_note(runs: list[dict]) -> str | None:
+    """A sentence naming the machines that merged ``runs`` came from, or None when one machine ran
+    them all; times are then comparable only between runs of one machine."""
+    records: list[dict] = []
+    for r in runs:
+        if "machine" in r and not any(same_machine(r["machine"], m) for m in records):
+            records.append(r["machine"])
+    if len(records) < 2:
+        return None
+    describe = lambda m: (
+        f"{m.get('cpu')}, ATen kernels {m.get('cpu_capability', 'not recorded')}, "
+        f"oneDNN ISA cap {m.get('onednn_max_cpu_isa') or ('none' if 'onednn_max_cpu_isa' in m else 'not recorded')}, "
+        f"{m.get('date')}"
+    )
+    return (f"The merged runs come from {len(records)} machines ({'; '.join(map(describe, records))}): "
+            "times are comparable only between runs of one machine.")
 
 
 def merged_command(command: str, parts: list[dict]) -> str:

@@ -54,7 +54,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, arg_type, load_parts, machine, merged_command, publish, seeds_text, write  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, arg_type, load_parts, machine, machines_note, merged_command, publish, same_machine, seeds_text, write,
+)
 
 from impflow import theory  # noqa: E402
 from impflow.config import parse_switch  # noqa: E402
@@ -255,6 +257,18 @@ def comparison(runs: list[dict]) -> dict | None:
     }
 
 
+def time_ratios(runs: list[dict]) -> dict[int, float]:
+    """ImpFlow / ResFlow training time by seed, for seeds whose two runs ran on one machine (runs
+    of one process carry no machine record of their own: they share it)."""
+    imp = {r["seed"]: r for r in runs if r["model"] == "impflow"}
+    res = {r["seed"]: r for r in runs if r["model"] == "resflow"}
+    return {
+        s: imp[s]["train_time_s"] / res[s]["train_time_s"]
+        for s in sorted(set(imp) & set(res))
+        if same_machine(imp[s].get("machine", {}), res[s].get("machine", {}))
+    }
+
+
 def actnorm_text(settings: dict) -> str:
     """Where the ActNorms are, for the settings line (files from before the options: after every block)."""
     outer = settings.get("actnorm", True)
@@ -280,6 +294,17 @@ def markdown(payload: dict) -> str:
         f"torch {payload['machine']['torch']}, {payload['machine']['date']}; shared CPU, times are only "
         "comparable as ratios within this run)",
         "",
+    ]
+    note = machines_note(payload["runs"])
+    ratios = time_ratios(payload["runs"])
+    if note:
+        lines += [note + "  "]
+    if ratios:
+        lines += ["ImpFlow / ResFlow training time per run, paired by seed on one machine: "
+                  + ", ".join(f"{v:.2f}× (seed {s})" for s, v in ratios.items()) + ".", ""]
+    elif note:
+        lines += [""]
+    lines += [
         f"Data: sklearn digits as (1, 8, 8), split seed {a['split_seed']} ({payload['data']['n_train']} train / "
         f"{payload['data']['n_test']} test), 17 levels, uniform dequantisation, logit α = {a['alpha']}; "
         "bits/dim include the logit Jacobian and the 64·ln 17 scaling.  ",

@@ -48,3 +48,41 @@ def test_machine_names_cpu_and_kernel_level(monkeypatch):
     assert isinstance(m["cpu"], str) and m["cpu"]
     assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert m["threads"] == torch.get_num_threads()
+
+
+A = {"torch": "2.13.0+cpu", "threads": 1, "cpu": "AMD EPYC", "cpu_capability": "AVX512", "date": "2026-12-07 07:00"}
+B = dict(A, cpu="x86_64", cpu_capability="AVX2", date="2026-11-23 15:00")
+
+
+def part(results, stem, machine, runs):
+    (results / f"{stem}.json").write_text(json.dumps({"settings": {"steps": 5}, "machine": machine, "runs": runs}))
+
+
+def test_load_parts_tags_runs_with_their_machine(results):
+    part(results, "p0", A, [{"model": "impflow", "seed": 0}])
+    part(results, "p1", B, [{"model": "resflow", "seed": 0}, {"model": "resflow", "seed": 1, "machine": A}])
+    _, runs = common.load_parts(["p0", "p1"], ("steps",), ("model", "seed"))
+    assert [r["machine"]["cpu"] for r in runs] == ["AMD EPYC", "x86_64", "AMD EPYC"]  # a merged file's own record wins
+
+
+def test_machines_note_only_for_several_machines():
+    assert common.same_machine(A, dict(A, date="later"))  # dates aside
+    assert not common.same_machine(A, dict(A, onednn_max_cpu_isa="AVX2"))
+    assert common.machines_note([{"machine": A}, {"machine": dict(A, date="later")}, {}]) is None
+    note = common.machines_note([{"machine": A}, {"machine": B}, {"machine": A}])
+    assert note.startswith("The merged runs come from 2 machines") and "AVX512" in note and "AVX2" in note
+
+
+def test_digits_time_ratios_pair_runs_of_one_machine():
+    import digits
+
+    runs = [
+        {"model": "impflow", "seed": 0, "train_time_s": 30.0, "machine": A},
+        {"model": "resflow", "seed": 0, "train_time_s": 10.0, "machine": dict(A, date="x")},
+        {"model": "impflow", "seed": 1, "train_time_s": 60.0, "machine": B},  # its ResFlow ran elsewhere
+        {"model": "resflow", "seed": 1, "train_time_s": 10.0, "machine": A},
+        {"model": "impflow", "seed": 2, "train_time_s": 20.0},  # one process: no records, one machine
+        {"model": "resflow", "seed": 2, "train_time_s": 10.0},
+        {"model": "impflow", "seed": 3, "train_time_s": 20.0},  # unpaired
+    ]
+    assert digits.time_ratios(runs) == {0: 3.0, 2: 2.0}
