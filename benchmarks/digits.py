@@ -21,8 +21,10 @@ flow (the Gaussian fit of the same preprocessed data).
   (checked: within ±10%, recorded).
 * training: Adam (``--lr``), ``--steps`` steps of ``--batch`` images drawn with replacement,
   the same steps for every model; ResFlow/ImpFlow train with the Neumann log-det gradient
-  estimator (the exact 64×64 log-det in training is ~50× slower per step); ImpFlow's root
-  solver is ``SolverConfig(method=--solver, tol=--train-tol)``.
+  estimator (the exact 64×64 log-det in training is ~50× slower per step) and the library's
+  default roulette (geometric, p = 0.5, raised by the variance rule with ``--variance-margin``;
+  ``none`` gives the fixed-p estimator of the runs before that rule); ImpFlow's root solver is
+  ``SolverConfig(method=--solver, tol=--train-tol)``.
 * evaluation: test (and train) bits/dim with **exact** log-dets (``exact_logdet``) for
   ResFlow/ImpFlow, solver tol 1e-6 (the float32 default), mean ± standard error over images,
   then mean ± std over seeds.
@@ -59,9 +61,9 @@ from common import (  # noqa: E402
 )
 
 from impflow import theory  # noqa: E402
-from impflow.config import parse_switch  # noqa: E402
+from impflow.config import ConfigError, parse_switch  # noqa: E402
 from impflow.data.images import bits_per_dim, dequantize, load_digits  # noqa: E402
-from impflow.logdet import exact_logdet  # noqa: E402
+from impflow.logdet import LogDetConfig, exact_logdet  # noqa: E402
 from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
 from impflow.nn import ACTIVATIONS  # noqa: E402
 from impflow.solvers import SolverConfig  # noqa: E402
@@ -101,6 +103,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.05, help="logit α of the preprocessing")
     p.add_argument("--solver", choices=("auto", "fixed_point", "broyden"), default="broyden")
     p.add_argument("--train-tol", type=float, default=None, help="ImpFlow solver tol in training (default 1e-6)")
+    p.add_argument("--variance-margin", type=arg_type(parse_margin), default=LogDetConfig.variance_margin,
+                   help="the Russian roulette's variance rule (LogDetConfig.variance_margin, default %(default)s); "
+                   "none: a fixed geometric p = 0.5, as in the runs before the rule")
     p.add_argument("--flow-steps", type=int, default=4, help="Glow/DLF steps per level, NSF steps")
     p.add_argument("--eval-every", type=int, default=0, help="also record test bits/dim every k steps")
     p.add_argument("--threads", type=int, default=1)
@@ -124,7 +129,8 @@ def build(name: str, args: argparse.Namespace, hidden: int | None = None) -> tor
     n = args.impflow_blocks
     if name in ("impflow", "resflow"):
         solver = SolverConfig(method=args.solver, tol=args.train_tol)
-        common = dict(hidden=args.hidden, coeff=args.coeff, logdet="neumann", solver=solver, actnorm=args.actnorm,
+        logdet = LogDetConfig("neumann", variance_margin=args.variance_margin)
+        common = dict(hidden=args.hidden, coeff=args.coeff, logdet=logdet, solver=solver, actnorm=args.actnorm,
                       activation=args.activation)
         if name == "impflow":
             return image_impflow(SHAPE, (n, n, n), inner_actnorm=args.inner_actnorm, **common)
@@ -269,6 +275,24 @@ def time_ratios(runs: list[dict]) -> dict[int, float]:
     }
 
 
+def parse_margin(text: str) -> float | None:
+    """``--variance-margin``: a number in (0, 1], or none."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        margin = float(text)
+        LogDetConfig("neumann", variance_margin=margin)  # validates the range
+    except ValueError:
+        raise ConfigError(f"expected a number in (0, 1] or none, got {text!r}") from None
+    return margin
+
+
+def roulette_text(settings: dict) -> str:
+    """The training estimator's roulette (files from before the variance rule: fixed p)."""
+    margin = settings.get("variance_margin")
+    return "geometric roulette, p = 0.5" + (f", variance rule margin {margin}" if margin is not None else " fixed, no variance rule")
+
+
 def actnorm_text(settings: dict) -> str:
     """Where the ActNorms are, for the settings line (files from before the options: after every block)."""
     outer = settings.get("actnorm", True)
@@ -312,7 +336,7 @@ def markdown(payload: dict) -> str:
         f"{seeds_text(payload['runs'])}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
         f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
         f"kernels 3-1-3, coeff {a['coeff']}, {a.get('activation', 'lipswish')} activations, {actnorm_text(a)}, no factor-out), Neumann log-det "
-        f"gradients in training, exact log-dets at evaluation; ImpFlow solver {a['solver']} "
+        f"gradients in training ({roulette_text(a)}), exact log-dets at evaluation; ImpFlow solver {a['solver']} "
         f"(train tol {a['train_tol'] if a['train_tol'] is not None else '1e-6 default'}). Glow/DLF: image form, "
         f"2 levels × {a['flow_steps']} steps; NSF: vector form on the 64 flattened values "
         f"({a['flow_steps']} spline-coupling steps; no image form exists). Their widths are set to match ResFlow's parameters.",
@@ -420,8 +444,9 @@ def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range (or per-model) result files: their runs pooled; the training
     settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
     keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps",
-            "split_seed", "actnorm", "activation", "inner_actnorm", "resflow_actnorm_every")
-    older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False, "resflow_actnorm_every": 1}  # files written before these options existed
+            "split_seed", "actnorm", "activation", "inner_actnorm", "resflow_actnorm_every", "variance_margin")
+    older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False, "resflow_actnorm_every": 1,
+             "variance_margin": None}  # files written before these options existed
     parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults=older)
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})

@@ -52,10 +52,20 @@ class LogDetConfig:
     Attributes:
         mode: ``"exact"``, ``"unbiased"`` or ``"neumann"``.
         n_exact_terms: series terms always computed.
-        roulette: distribution of the extra terms N: ``"geometric"`` (P(N ≥ m) = (1−p)^m) or
-            ``"poisson"`` (mean ``lam``).
-        p: geometric parameter.
+        roulette: distribution of the extra terms N: ``"geometric"`` (P(N ≥ m) = q^m with
+            continuation probability q, at least 1 − p) or ``"poisson"`` (mean ``lam``).
+        p: geometric parameter; q = 1 − p unless the variance rule raises it.
         lam: Poisson mean.
+        variance_margin: the variance rule of the geometric roulette. Term k of the series is
+            of size ≈ ρ^k (ρ how much J contracts per application, at the data) and is reweighted
+            by 1/q^(k − n_exact), so the estimator's second moment grows like Σ_k (ρ²/q)^k: it is
+            *infinite* once ρ² ≥ q (with p = 0.5, once ρ ≥ 0.71), and a rare long series then
+            returns an estimate, and a gradient, hundreds of times too large. The rule keeps
+            ρ̂²/q ≤ ``variance_margin`` by raising q to ρ̂²/variance_margin (the block's measured
+            contraction ρ̂, see :func:`residual_logdet`); None keeps q = 1 − p.
+        max_continue: cap on q (on average at most q/(1 − q) extra terms).
+        contraction_memory: per training call, the block's ρ̂ decays by this factor unless the
+            latest series measured more (ρ̂ ← max(measured, memory·ρ̂)).
     """
 
     mode: Literal["exact", "unbiased", "neumann"] = "exact"
@@ -63,6 +73,9 @@ class LogDetConfig:
     roulette: Literal["geometric", "poisson"] = "geometric"
     p: float = 0.5
     lam: float = 2.0
+    variance_margin: float | None = 0.8
+    max_continue: float = 0.95
+    contraction_memory: float = 0.999
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "unbiased", "neumann"):
@@ -73,23 +86,39 @@ class LogDetConfig:
             raise ValueError("n_exact_terms must be at least 1")
         if not 0 < self.p < 1 or self.lam <= 0:
             raise ValueError("need 0 < p < 1 and lam > 0")
+        if self.variance_margin is not None and not 0 < self.variance_margin <= 1:
+            raise ValueError(f"variance_margin must be in (0, 1] or None, got {self.variance_margin}")
+        if not 1 - self.p <= self.max_continue < 1:
+            raise ValueError(f"need 1 - p <= max_continue < 1, got max_continue={self.max_continue}, p={self.p}")
+        if not 0 <= self.contraction_memory <= 1:
+            raise ValueError(f"contraction_memory must be in [0, 1], got {self.contraction_memory}")
 
-    def draw_terms(self) -> int:
-        """n_exact + N, N drawn from the roulette distribution (torch's global RNG)."""
+    def continuation(self, contraction: float = 0.0) -> float:
+        """The geometric roulette's q = P(N ≥ m + 1 | N ≥ m) for a block whose J contracts by
+        ``contraction`` per application: max(1 − p, min(contraction²/variance_margin, max_continue))."""
+        q = 1 - self.p
+        if self.variance_margin is not None:
+            q = max(q, min(contraction**2 / self.variance_margin, self.max_continue))
+        return q
+
+    def draw_terms(self, q: float | None = None) -> int:
+        """n_exact + N, N drawn from the roulette distribution (torch's global RNG; one uniform for
+        the geometric roulette, whatever q); ``q`` the geometric continuation (default 1 − p)."""
         if self.roulette == "geometric":
+            q = 1 - self.p if q is None else q
             u = float(torch.rand(()))
-            extra = int(math.floor(math.log1p(-u) / math.log1p(-self.p)))
+            extra = int(math.floor(math.log1p(-u) / math.log(q)))
         else:
             extra = int(torch.poisson(torch.tensor(self.lam)))
         return self.n_exact_terms + extra
 
-    def survival(self, k: int) -> float:
+    def survival(self, k: int, q: float | None = None) -> float:
         """P(n_exact + N ≥ k)."""
         m = k - self.n_exact_terms
         if m <= 0:
             return 1.0
         if self.roulette == "geometric":
-            return (1 - self.p) ** m
+            return (1 - self.p if q is None else q) ** m
         cdf = sum(math.exp(-self.lam) * self.lam**j / math.factorial(j) for j in range(m))
         return max(1.0 - cdf, 1e-300)
 
@@ -118,23 +147,46 @@ def _vjp(gx: Tensor, x: Tensor, w: Tensor, create_graph: bool) -> Tensor:
     return torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph)[0]
 
 
-def _series(gx: Tensor, x: Tensor, config: LogDetConfig, create_graph: bool, neumann: bool = False) -> Tensor:
+def _row_norms(w: Tensor) -> Tensor:
+    return w.flatten(1).norm(dim=1)
+
+
+def _series(
+    gx: Tensor,
+    x: Tensor,
+    config: LogDetConfig,
+    create_graph: bool,
+    neumann: bool = False,
+    contraction: Tensor | None = None,
+    update: bool = False,
+) -> Tensor:
     """Russian-roulette Hutchinson estimate of Σ_k (−1)^{k+1} tr(J^k)/k.
 
     ``create_graph``: the estimate is differentiable through the series. ``neumann``: the series
     runs without a graph and the gradient comes from the Neumann series of tr((I+J)⁻¹ ∂J),
     accumulated over the same probes and roulette weights (accᵀ J v, one graph-carrying vjp).
+    ``contraction``: the block's ρ̂ (a 0-d buffer), which sets the roulette's continuation
+    probability before N is drawn; with ``update`` it then takes the contraction this series
+    measured, the largest ‖(Jᵀ)^K v‖ / ‖(Jᵀ)^{K−1} v‖ over the batch (K the last term).
     """
-    n_terms = config.draw_terms()
+    q = config.continuation(float(contraction)) if contraction is not None else None
+    n_terms = config.draw_terms(q)
     v = torch.randn_like(x)
-    w = v
+    w = w_prev = v
     est = x.new_zeros(x.shape[0])
     acc = torch.zeros_like(v) if neumann else None
     for k in range(1, n_terms + 1):
+        weight = 1 / config.survival(k, q)
         if acc is not None:
-            acc = acc + ((-1) ** (k - 1) / config.survival(k)) * w  # term k−1 of the gradient series
-        w = _vjp(gx, x, w, create_graph and not neumann)
-        est = est + ((-1) ** (k + 1) / (k * config.survival(k))) * (w * v).flatten(1).sum(1)
+            acc = acc + ((-1) ** (k - 1) * weight) * w  # term k−1 of the gradient series
+        w_prev, w = w, _vjp(gx, x, w, create_graph and not neumann)
+        est = est + ((-1) ** (k + 1) * weight / k) * (w * v).flatten(1).sum(1)
+    if update and contraction is not None and n_terms >= 2:
+        with torch.no_grad():
+            ratio = _row_norms(w) / _row_norms(w_prev).clamp_min(torch.finfo(w.dtype).tiny)
+            ratio = ratio[torch.isfinite(ratio)]  # a non-finite row must not poison the estimate
+            seen = float(ratio.max()) if ratio.numel() else 0.0
+            contraction.fill_(max(seen, config.contraction_memory * float(contraction)))
     if acc is None:
         return est
     surrogate = (_vjp(gx, x, acc.detach(), True) * v).flatten(1).sum(1)  # accᵀ J v
@@ -142,7 +194,11 @@ def _series(gx: Tensor, x: Tensor, config: LogDetConfig, create_graph: bool, neu
 
 
 def residual_logdet(
-    g: Callable[[Tensor], Tensor], x: Tensor, config: LogDetConfig
+    g: Callable[[Tensor], Tensor],
+    x: Tensor,
+    config: LogDetConfig,
+    contraction: Tensor | None = None,
+    update: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Evaluate g(x) and log det(I + J_g(x)).
 
@@ -150,6 +206,9 @@ def residual_logdet(
         g: a row-wise map (batch, *event) -> (batch, *event).
         x: input (batch, *event); gradients flow to it and to g's parameters when grad mode is on.
         config: the estimator.
+        contraction: the caller's measured contraction ρ̂ of J_g (a 0-d tensor) for the
+            stochastic estimators' variance rule (:class:`LogDetConfig`); ``update``: replace it
+            by what this call measures (training), else only read it.
 
     Returns:
         (g(x), log det (batch,), J_g(x) (batch, n, n) in exact mode, else None). With grad mode
@@ -165,10 +224,9 @@ def residual_logdet(
             J = jacobian(gx, xg, create_graph=track)
             n = J.shape[-1]
             ld = torch.linalg.slogdet(torch.eye(n, dtype=J.dtype, device=J.device) + J)[1]
-        elif mode == "unbiased":
-            ld = _series(gx, xg, config, create_graph=track)
         else:
-            ld = _series(gx, xg, config, create_graph=track, neumann=track)
+            neumann = mode == "neumann" and track
+            ld = _series(gx, xg, config, create_graph=track, neumann=neumann, contraction=contraction, update=update)
     if not track:
         return gx.detach(), ld.detach(), None if J is None else J.detach()
     return gx, ld, J

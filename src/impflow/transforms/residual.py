@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..logdet import LogDetConfig, residual_logdet
@@ -45,10 +46,21 @@ class ResidualBlock(Transform):
         self.solver = solver if solver is not None else SolverConfig()
         self.event_shape = tuple(event_shape) if event_shape is not None else _event_shape(g)
         self.last_solve: SolveInfo | None = None
+        # ρ̂, the largest contraction of J_g the stochastic log-det series measured in training:
+        # it keeps the Russian roulette's variance finite (LogDetConfig.variance_margin)
+        self.register_buffer("contraction", torch.zeros(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the contraction buffer: start it at 0, as a new block does
+        state_dict.setdefault(prefix + "contraction", torch.zeros_like(self.contraction))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _logdet(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        return residual_logdet(self.g, x, self.logdet, self.contraction, update=self.training)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_input(x, self.event_shape)
-        gx, ladj, _ = residual_logdet(self.g, x, self.logdet)
+        gx, ladj, _ = self._logdet(x)
         return x + gx, ladj
 
     def map(self, x: Tensor) -> Tensor:
@@ -62,7 +74,7 @@ class ResidualBlock(Transform):
 
     def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
         x = self.inverse(z)
-        _, ladj, J = residual_logdet(self.g, x, self.logdet)
+        _, ladj, J = self._logdet(x)
         if J is not None:
             self.last_solve.jacobian = J.detach()
         return x, -ladj
