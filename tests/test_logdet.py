@@ -94,3 +94,17 @@ def test_variance_rule_bounds_the_tail_where_fixed_p_does_not():
             assert ((mean - exact).abs() < 4 * se).all()
     # measured (seeds 0-3): 34-46 with the rule, 224-1011 without
     assert errors[0.8] < 80 and errors[None] > 3 * errors[0.8], errors
+
+
+def test_contraction_is_saved_and_old_checkpoints_load():
+    block, _ = linear_block(0.9)
+    with torch.no_grad():
+        block(torch.randn(4, 8, dtype=D))
+    state = block.state_dict()
+    assert float(state["contraction"]) == pytest.approx(0.9, rel=1e-6)
+    fresh, _ = linear_block(0.9)
+    fresh.load_state_dict(state)
+    assert float(fresh.contraction) == float(block.contraction)
+    del state["contraction"]  # a checkpoint from before the variance rule
+    fresh.load_state_dict(state)  # strict loading still succeeds: ρ̂ starts again at 0
+    assert float(fresh.contraction) == 0.0
