@@ -51,6 +51,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -191,29 +192,63 @@ def baselines(pre, data, test_y, test_ladj, gen_seed: int) -> dict:
     }
 
 
+def prepare(args: argparse.Namespace):
+    """(data, preprocessing, test set): the digits split, the logit step, and the test images
+    dequantised once with a fixed seed (the same noise for every model and run)."""
+    data = load_digits(seed=args.split_seed)
+    pre = data.preprocess(args.alpha)
+    test = pre(dequantize(data.test_images, data.levels, torch.Generator().manual_seed(12345)))
+    return data, pre, test
+
+
+def train(
+    args: argparse.Namespace,
+    name: str,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    data,
+    pre,
+    test,
+    first: int = 1,
+    on_grad: Callable[[int, torch.Tensor], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> tuple[list[dict], int]:
+    """Steps ``first`` … ``--steps``: a batch drawn and dequantised with ``gen``, the loss, its
+    backward, ``on_grad(step, loss)`` (the gradients are in place), the Adam step, the
+    ``--eval-every`` test evaluation (not at the last step), ``after_step(step)``. A non-finite loss
+    skips the step. Returns (learning curve, number of skipped steps)."""
+    n = len(data.train_images)
+    curve = []
+    nonfinite = 0
+    for step in range(first, args.steps + 1):
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
+        y, _ = pre(dequantize(data.train_images[idx], data.levels, gen))
+        loss = -model.log_prob(to_input(name, y)).mean()
+        if not torch.isfinite(loss):
+            nonfinite += 1
+            continue
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if on_grad is not None:
+            on_grad(step, loss)
+        opt.step()
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            curve.append({"step": step, "test_bpd": evaluate(model, name, *test)["bpd"]})
+        if after_step is not None:
+            after_step(step)
+    return curve, nonfinite
+
+
 def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> dict:
     torch.manual_seed(seed)
     model = build(name, args, hidden)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(1000 + seed)  # batches and dequantisation: the same for every model
-    n = len(data.train_images)
-    curve = []
     t0 = time.perf_counter()
-    nonfinite = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(1, args.steps + 1):
-            idx = torch.randint(0, n, (args.batch,), generator=gen)
-            y, _ = pre(dequantize(data.train_images[idx], data.levels, gen))
-            loss = -model.log_prob(to_input(name, y)).mean()
-            if not torch.isfinite(loss):
-                nonfinite += 1
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                curve.append({"step": step, "test_bpd": evaluate(model, name, *test)["bpd"]})
+        curve, nonfinite = train(args, name, model, opt, gen, data, pre, test)
         train_time = time.perf_counter() - t0
         t1 = time.perf_counter()
         te = evaluate(model, name, *test)
@@ -467,10 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         report(args.name, out)
         return out
     torch.set_num_threads(args.threads)
-    data = load_digits(seed=args.split_seed)
-    pre = data.preprocess(args.alpha)
-    x_test = dequantize(data.test_images, data.levels, torch.Generator().manual_seed(12345))
-    test = pre(x_test)
+    data, pre, test = prepare(args)
     base = baselines(pre, data, *test, gen_seed=54321)
     command = "python benchmarks/digits.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
     target = n_params(build("resflow", args))

@@ -86,3 +86,22 @@ def test_digits_time_ratios_pair_runs_of_one_machine():
         {"model": "impflow", "seed": 3, "train_time_s": 20.0},  # unpaired
     ]
     assert digits.time_ratios(runs) == {0: 3.0, 2: 2.0}
+
+
+def test_roulette_replay_resumes_bit_for_bit(results, tmp_path, monkeypatch):
+    """benchmarks/roulette.py: a checkpointed replay continued by ``resume`` takes the same steps
+    (losses and gradient norms) as the uninterrupted replay, and ``measure`` reads the checkpoint."""
+    import roulette
+
+    monkeypatch.setattr(roulette, "CHECKPOINTS", tmp_path / "ckpt")
+    digits_args = ["--", "--steps", "100", "--eval-every", "3", "--hidden", "4", "--variance-margin", "none"]
+    full = roulette.main(["replay", "--model", "impflow", "--seed", "1", "--until", "6", "--save-at", "4", *digits_args])
+    ckpt = tmp_path / "ckpt" / "impflow_s1_4.pt"
+    resumed = roulette.main(["resume", str(ckpt), "--until", "6"])
+    tail = lambda run: [(r["step"], r["loss"], r["grad_norm"]) for r in run["run"]["steps"]]
+    assert tail(resumed) == tail(full)[4:] and len(tail(resumed)) == 2
+    assert resumed["run"]["curve"][-1] == full["run"]["curve"][-1]
+    assert (results / "roulette_impflow_s1_from4.md").exists()
+    m = roulette.main(["measure", str(ckpt), "--draws", "2", "--warmup", "0", "--variance-margin", "0.8"])
+    assert m["run"]["variance_margin"] == 0.8 and len(m["run"]["relative_gradient_error"]) == 2
+    assert {x["map"].rsplit(".", 1)[-1] for x in m["run"]["maps"]} == {"g_x", "g_z"}
