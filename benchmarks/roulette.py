@@ -145,11 +145,9 @@ def run_training(args, dargs, name: str, seed: int, model, opt, gen, first: int,
 def training_markdown(out: dict) -> list[str]:
     r = out["run"]
     rows = r["steps"]
-    margin = r["variance_margin"]
     lines = [
-        f"{r['model']} seed {r['seed']}, steps {r['first_step']}–{r['until']} ({r['origin']}); roulette: "
-        + (f"variance rule, margin {margin}" if margin is not None else "fixed p = 0.5 (no variance rule)")
-        + f"; {r['nonfinite_steps']} non-finite steps skipped.",
+        f"{r['model']} seed {r['seed']}, steps {r['first_step']}–{r['until']} ({r['origin']}); "
+        f"{digits.roulette_text(r)}; {r['nonfinite_steps']} non-finite steps skipped.",
         "",
         f"| steps | mean loss (nats/image) | min loss | median ‖grad‖ | max ‖grad‖ | max solver iterations |",
         "|---|---|---|---|---|---|",
@@ -168,34 +166,33 @@ def training_markdown(out: dict) -> list[str]:
     return lines
 
 
-def residual_maps(model: torch.nn.Module) -> list[tuple[str, ResidualBlock, str]]:
-    """(name, block, where its g is evaluated): ImpFlow's g_x at the block input and g_z at its
-    output z, ResFlow's g at the block input."""
-    inner = {id(b.fx) for b in model.modules() if isinstance(b, ImplicitBlock)}
-    inner |= {id(b.fz) for b in model.modules() if isinstance(b, ImplicitBlock)}
+def residual_maps(model: torch.nn.Module) -> list[tuple[str, ResidualBlock, torch.nn.Module, int]]:
+    """(name, block, module, side): the block's g is evaluated at the input (side 0) or output
+    (side 1) of ``module``: ImpFlow's g_x at the ImpFlow block's input, g_z at its output z,
+    ResFlow's g at its own block's input."""
+    inner = {id(c) for b in model.modules() if isinstance(b, ImplicitBlock) for c in (b.fx, b.fz)}
     maps = []
     for n, m in model.named_modules():
         if isinstance(m, ImplicitBlock):
-            maps += [(f"{n}.g_x", m.fx, "in"), (f"{n}.g_z", m.fz, "out")]
+            maps += [(f"{n}.g_x", m.fx, m, 0), (f"{n}.g_z", m.fz, m, 1)]
         elif isinstance(m, ResidualBlock) and id(m) not in inner:
-            maps.append((n, m, "in"))
+            maps.append((n, m, m, 0))
     return maps
 
 
 def contractions(model, name: str, maps, y: torch.Tensor) -> list[dict]:
     """Spectral norm and radius of each map's exact Jacobian at the images ``y``."""
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    owners = {id(b): b for b in model.modules() if isinstance(b, ImplicitBlock)}
+    hooked = {id(m): m for _, _, m, _ in maps}.values()
     hooks = [m.register_forward_hook(lambda mod, inp, out: seen.__setitem__(id(mod), (inp[0].detach(), out[0].detach())))
-             for m in list(owners.values()) + [b for _, b, _ in maps]]
+             for m in hooked]
     with torch.no_grad(), exact_logdet():
         model.log_prob(digits.to_input(name, y))
     for h in hooks:
         h.remove()
     out = []
-    for label, block, where in maps:
-        owner = next((b for b in owners.values() if block is b.fx or block is b.fz), None)
-        x = seen[id(owner)][1] if where == "out" else seen[id(owner if owner is not None else block)][0]
+    for label, block, module, side in maps:
+        x = seen[id(module)][side]
         shape = x.shape[1:]
         g = lambda v: block.g(v.reshape(1, *shape)).reshape(-1)
         J = torch.func.vmap(torch.func.jacrev(g))(x.reshape(len(x), -1)).detach()
@@ -242,10 +239,8 @@ def measure(args) -> dict:
 def measure_markdown(out: dict) -> list[str]:
     r = out["run"]
     err = sorted(r["relative_gradient_error"])
-    margin = r["variance_margin"]
     lines = [
-        f"{r['model']} seed {r['seed']} at step {r['step']} ({r['checkpoint']}); roulette: "
-        + (f"variance rule, margin {margin}" if margin is not None else "fixed p = 0.5 (no variance rule)") + ".",
+        f"{r['model']} seed {r['seed']} at step {r['step']} ({r['checkpoint']}); {digits.roulette_text(r)}.",
         "",
         f"Neumann gradient on one training batch, {r['draws']} draws after {r['warmup']} warm-up draws, "
         f"‖draw − exact‖/‖exact‖: median {statistics.median(err):.3f}, 90% {err[int(0.9 * (len(err) - 1))]:.3f}, "
