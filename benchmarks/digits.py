@@ -27,7 +27,8 @@ flow (the Gaussian fit of the same preprocessed data).
   ``SolverConfig(method=--solver, tol=--train-tol)``.
 * evaluation: test (and train) bits/dim with **exact** log-dets (``exact_logdet``) for
   ResFlow/ImpFlow, solver tol 1e-6 (the float32 default), mean ± standard error over images,
-  then mean ± std over seeds.
+  then mean ± std over seeds; and where each model changes volume: the test images' log|det J|
+  split by layer kind (ActNorm, ImpFlow or ResFlow blocks, couplings, …; ``volume``).
 * baselines on the same preprocessed data: ``theory.gaussian_nll(train y, test y)`` (the best
   affine flow, fitted in closed form: an affine flow of N(0, I) is exactly a Gaussian) and, as
   a reference only, ``theory.linear_oracle_nll`` (a per-image oracle, not a model).
@@ -68,6 +69,7 @@ from impflow.logdet import LogDetConfig, exact_logdet  # noqa: E402
 from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
 from impflow.nn import ACTIVATIONS  # noqa: E402
 from impflow.solvers import SolverConfig  # noqa: E402
+from impflow.transforms import Compose, MultiScale, Transform  # noqa: E402
 
 MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
 SHAPE = (1, 8, 8)
@@ -169,6 +171,44 @@ def evaluate(model: torch.nn.Module, name: str, y: torch.Tensor, ladj: torch.Ten
     return {"bpd": float(bpd.mean()), "bpd_se": float(bpd.std() / math.sqrt(len(bpd))), "finite": bool(torch.isfinite(bpd).all())}
 
 
+def layers(module: torch.nn.Module):
+    """The transforms a flow chains, in order: containers (``Compose``, ``MultiScale``) opened,
+    every other transform (an ImpFlow block with its two residual maps, an ActNorm, …) whole."""
+    for child in module.children():
+        if isinstance(child, (Compose, MultiScale)) or not isinstance(child, Transform):
+            yield from layers(child)
+        else:
+            yield child
+
+
+@torch.no_grad()
+def volume(model: torch.nn.Module, name: str, y: torch.Tensor, batch: int = 120) -> dict[str, float]:
+    """Where the model changes volume: the mean over images ``y`` of log|det J| (nats, exact
+    log-dets) summed over each kind of layer, ``{class name: nats}``; the kinds add up to the
+    model's log-det (``y`` → z, preprocessing not included)."""
+    totals: dict[str, float] = {}
+
+    def hook(mod, inputs, out) -> None:
+        kind = type(mod).__name__
+        totals[kind] = totals.get(kind, 0.0) + float(out[1].double().sum())
+
+    hooks = [layer.register_forward_hook(hook) for layer in layers(model.transform)]
+    model.eval()
+    whole = 0.0
+    try:
+        with exact_logdet():
+            for i in range(0, len(y), batch):
+                whole += float(model.transform(to_input(name, y[i : i + batch]))[1].double().sum())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train()
+    parts = sum(totals.values())
+    if not math.isclose(parts, whole, rel_tol=1e-5, abs_tol=1e-3 * len(y)):  # a layer missed or counted twice
+        raise RuntimeError(f"{name}: the layers' log-dets add up to {parts / len(y)}, the model's is {whole / len(y)}")
+    return {kind: v / len(y) for kind, v in totals.items()}
+
+
 def baselines(pre, data, test_y, test_ladj, gen_seed: int) -> dict:
     """Best affine flow (Gaussian fit on dequantised, preprocessed train data) and the oracle."""
     x_tr = dequantize(data.train_images, data.levels, torch.Generator().manual_seed(gen_seed))
@@ -256,6 +296,7 @@ def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> 
         # train bits/dim on a fixed subset as large as the test set (exact log-dets are slow)
         x_tr = dequantize(data.train_images[: len(data.test_images)], data.levels, torch.Generator().manual_seed(77))
         tr = evaluate(model, name, *pre(x_tr))
+        log_det = volume(model, name, test[0])
     solver_warnings = sum("converge" in str(w.message) or "solve" in str(w.message) for w in caught)
     rec = {
         "model": name, "seed": seed, "params": n_params(model), "hidden": hidden if hidden else args.hidden,
@@ -263,6 +304,7 @@ def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> 
         "train_bpd": tr["bpd"],  # on the first len(test) training images
         "nonfinite_steps": nonfinite, "solver_warnings": solver_warnings,
         "train_time_s": train_time, "eval_time_s": eval_time, "curve": curve,
+        "log_det_by_kind": log_det,  # nats per test image; older files lack it
     }
     return rec
 
@@ -279,8 +321,20 @@ def summarise(runs: list[dict], models: list[str]) -> list[dict]:
             "test_bpd_mean": statistics.mean(v), "test_bpd_std": statistics.stdev(v) if len(v) > 1 else 0.0,
             "test_bpds": v, "train_bpd_mean": statistics.mean(r["train_bpd"] for r in rs),
             "train_time_s_mean": statistics.mean(r["train_time_s"] for r in rs),
+            **volume_summary(rs),
         })
     return rows
+
+
+def volume_summary(runs: list[dict]) -> dict:
+    """The mean over the runs that recorded it (files from before the record lack it) of each layer
+    kind's log-det, with those runs' seeds."""
+    rs = [r for r in runs if "log_det_by_kind" in r]
+    if not rs:
+        return {}
+    kinds = [k for k in rs[0]["log_det_by_kind"]]
+    return {"log_det_by_kind": {k: statistics.mean(r["log_det_by_kind"].get(k, 0.0) for r in rs) for k in kinds},
+            "log_det_seeds": [r["seed"] for r in rs]}
 
 
 def comparison(runs: list[dict]) -> dict | None:
@@ -404,7 +458,23 @@ def markdown(payload: dict) -> str:
         dev = {m: 100 * (p - pr["resflow"]) / pr["resflow"] for m, p in pr.items()}
         lines.append("Parameter deviation from ResFlow: " + ", ".join(f"{m} {d:+.1f}%" for m, d in dev.items()) + ".")
     lines.append("")
-    return "\n".join(lines + curve_markdown(payload))
+    return "\n".join(lines + volume_markdown(payload) + curve_markdown(payload))
+
+
+def volume_markdown(payload: dict) -> list[str]:
+    """The table of :func:`volume_summary` (empty for files without the record)."""
+    rows = [r for r in payload["summary"] if "log_det_by_kind" in r]
+    if not rows:
+        return []
+    kinds = list(dict.fromkeys(k for r in rows for k in r["log_det_by_kind"]))
+    lines = ["Where each model changes volume: log|det J| of y → z per test image in nats (exact), summed over "
+             "each kind of layer, mean over seeds (the kinds add up to the model's log-det):", "",
+             "| model | seeds | " + " | ".join(kinds) + " | total |", "|---" * (len(kinds) + 3) + "|"]
+    for r in rows:
+        v = r["log_det_by_kind"]
+        lines.append(f"| {r['model']} | {seeds_text([{'seed': s} for s in r['log_det_seeds']])} | "
+                     + " | ".join(f"{v[k]:+.2f}" if k in v else "" for k in kinds) + f" | {sum(v.values()):+.2f} |")
+    return lines + [""]
 
 
 def curves(payload: dict) -> dict[str, dict[int, dict[int, float]]]:
