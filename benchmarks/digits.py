@@ -30,7 +30,7 @@ flow (the Gaussian fit of the same preprocessed data).
 * evaluation: test (and train) bits/dim with **exact** log-dets (``exact_logdet``) for
   ResFlow/ImpFlow, solver tol 1e-6 (the float32 default), mean ± standard error over images,
   then mean ± std over seeds; and where each model changes volume: the test images' log|det J|
-  split by layer kind (ActNorm, ImpFlow or ResFlow blocks, couplings, …; ``volume``).
+  split by layer kind (ActNorm, ImpFlow or ResFlow blocks, couplings, …; ``recording_volume``).
 * baselines on the same preprocessed data: ``theory.gaussian_nll(train y, test y)`` (the best
   affine flow, fitted in closed form: an affine flow of N(0, I) is exactly a Gaussian) and, as
   a reference only, ``theory.linear_oracle_nll`` (a per-image oracle, not a model).
@@ -54,7 +54,8 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -183,32 +184,38 @@ def layers(module: torch.nn.Module):
             yield child
 
 
-@torch.no_grad()
-def volume(model: torch.nn.Module, name: str, y: torch.Tensor, batch: int = 120) -> dict[str, float]:
-    """Where the model changes volume: the mean over images ``y`` of log|det J| (nats, exact
-    log-dets) summed over each kind of layer, ``{class name: nats}``; the kinds add up to the
-    model's log-det (``y`` → z, preprocessing not included)."""
-    totals: dict[str, float] = {}
+WHOLE = "whole model"
 
-    def hook(mod, inputs, out) -> None:
-        kind = type(mod).__name__
-        totals[kind] = totals.get(kind, 0.0) + float(out[1].double().sum())
 
-    hooks = [layer.register_forward_hook(hook) for layer in layers(model.transform)]
-    model.eval()
-    whole = 0.0
+@contextmanager
+def recording_volume(model: torch.nn.Module) -> Iterator[dict[str, float]]:
+    """Where the model changes volume, recorded during the passes made inside the context: the
+    yielded dict sums log|det J| over every image the model scores, per kind of layer (class
+    name: ActNorm, ImplicitBlock, …), and under ``WHOLE`` the model's own log-det
+    (:func:`per_image` checks the parts against it)."""
+    sums: dict[str, float] = {}
+
+    def add(key: str, out) -> None:
+        sums[key] = sums.get(key, 0.0) + float(out[1].double().sum())
+
+    hooks = [layer.register_forward_hook(lambda mod, inputs, out: add(type(mod).__name__, out))
+             for layer in layers(model)]
+    hooks.append(model.transform.register_forward_hook(lambda mod, inputs, out: add(WHOLE, out)))
     try:
-        with exact_logdet():
-            for i in range(0, len(y), batch):
-                whole += float(model.transform(to_input(name, y[i : i + batch]))[1].double().sum())
+        yield sums
     finally:
         for h in hooks:
             h.remove()
-        model.train()
-    parts = sum(totals.values())
-    if not math.isclose(parts, whole, rel_tol=1e-5, abs_tol=1e-3 * len(y)):  # a layer missed or counted twice
-        raise RuntimeError(f"{name}: the layers' log-dets add up to {parts / len(y)}, the model's is {whole / len(y)}")
-    return {kind: v / len(y) for kind, v in totals.items()}
+
+
+def per_image(sums: dict[str, float], n: int, name: str) -> dict[str, float]:
+    """:func:`recording_volume`'s sums over ``n`` images as nats per image by layer kind, after
+    checking that the kinds add up to the model's log-det (no layer missed or counted twice)."""
+    parts = {kind: v for kind, v in sums.items() if kind != WHOLE}
+    total, whole = sum(parts.values()), sums[WHOLE]
+    if not math.isclose(total, whole, rel_tol=1e-5, abs_tol=1e-3 * n):
+        raise RuntimeError(f"{name}: the layers' log-dets add up to {total / n}, the model's is {whole / n}")
+    return {kind: v / n for kind, v in parts.items()}
 
 
 def baselines(pre, data, test_y, test_ladj, gen_seed: int) -> dict:
@@ -293,12 +300,13 @@ def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> 
         curve, nonfinite = train(args, name, model, opt, gen, data, pre, test)
         train_time = time.perf_counter() - t0
         t1 = time.perf_counter()
-        te = evaluate(model, name, *test)
+        with recording_volume(model) as sums:
+            te = evaluate(model, name, *test)
         eval_time = time.perf_counter() - t1
+        log_det = per_image(sums, len(test[0]), name)
         # train bits/dim on a fixed subset as large as the test set (exact log-dets are slow)
         x_tr = dequantize(data.train_images[: len(data.test_images)], data.levels, torch.Generator().manual_seed(77))
         tr = evaluate(model, name, *pre(x_tr))
-        log_det = volume(model, name, test[0])
     solver_warnings = sum("converge" in str(w.message) or "solve" in str(w.message) for w in caught)
     rec = {
         "model": name, "seed": seed, "params": n_params(model), "hidden": hidden if hidden else args.hidden,
@@ -334,7 +342,7 @@ def volume_summary(runs: list[dict]) -> dict:
     rs = [r for r in runs if "log_det_by_kind" in r]
     if not rs:
         return {}
-    kinds = [k for k in rs[0]["log_det_by_kind"]]
+    kinds = rs[0]["log_det_by_kind"]
     return {"log_det_by_kind": {k: statistics.mean(r["log_det_by_kind"].get(k, 0.0) for r in rs) for k in kinds},
             "log_det_seeds": [r["seed"] for r in rs]}
 
