@@ -21,9 +21,9 @@ flow (the Gaussian fit of the same preprocessed data).
   (checked: within ±10%, recorded).
 * training: Adam (``--lr``), ``--steps`` steps of ``--batch`` images drawn with replacement,
   the same steps for every model; ResFlow/ImpFlow train with the Neumann log-det gradient
-  estimator (the exact 64×64 log-det in training is two orders of magnitude slower: ``impflow train
-  --model image-resflow --data digits --steps 20 --batch-size 64 --logdet exact`` trained for 583 s
-  against 4.2 s with ``--logdet neumann``, one thread, 2026-12-07) and the library's default
+  estimator (the exact 64×64 log-det in training is about 45 times slower: ``impflow train
+  --model image-resflow --data digits --steps 20 --batch-size 64 --logdet exact`` trained for 187 s
+  against 4.1 s with ``--logdet neumann``, one thread, 2026-12-07) and the library's default
   roulette (geometric, p = 0.5, raised by the variance rule with ``--variance-margin``; ``none``
   gives the fixed-p estimator of the runs before that rule); ImpFlow's root solver is
   ``SolverConfig(method=--solver, tol=--train-tol)``.
@@ -72,7 +72,7 @@ from impflow.logdet import LogDetConfig, exact_logdet  # noqa: E402
 from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
 from impflow.nn import ACTIVATIONS  # noqa: E402
 from impflow.solvers import SolverConfig  # noqa: E402
-from impflow.transforms import Compose, MultiScale, Transform  # noqa: E402
+from impflow.transforms import layers  # noqa: E402
 
 MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
 SHAPE = (1, 8, 8)
@@ -172,16 +172,6 @@ def evaluate(model: torch.nn.Module, name: str, y: torch.Tensor, ladj: torch.Ten
     model.train()
     bpd = bits_per_dim(lp, ladj, DIM, 17)
     return {"bpd": float(bpd.mean()), "bpd_se": float(bpd.std() / math.sqrt(len(bpd))), "finite": bool(torch.isfinite(bpd).all())}
-
-
-def layers(module: torch.nn.Module):
-    """The transforms a flow chains, in order: containers (``Compose``, ``MultiScale``) opened,
-    every other transform (an ImpFlow block with its two residual maps, an ActNorm, …) whole."""
-    for child in module.children():
-        if isinstance(child, (Compose, MultiScale)) or not isinstance(child, Transform):
-            yield from layers(child)
-        else:
-            yield child
 
 
 WHOLE = "whole model"

@@ -57,6 +57,28 @@ def test_volume_monitor_records_and_plot(tmp_path, model):
     assert paths["volume"] == tmp_path / "plots" / "diagnostics" / "volume.png" and paths["volume"].is_file()
 
 
+@pytest.mark.parametrize("model", ["image-resflow", "image-impflow"])
+def test_volume_monitor_opens_an_image_flow(tmp_path, model):
+    """An image flow's blocks sit inside its multi-scale stack: the monitor reports every layer
+    (Logit, ActNorm, the blocks, Squeeze), and their log-dets add up to the flow's."""
+    config = RunConfig(model=model, data="digits", blocks=1, hidden=(4,), batch_size=16, eval_size=32,
+                       eval_every=2, log_every=2, steps=2, device="cpu", quiet=True)
+    trainer = Trainer(config, tmp_path, volume_points=16)
+    assert trainer.fit().status == "done"
+    volume = trainer.history[-1]["volume"]
+    assert volume["convergence_warnings"] == 0
+    types = [v["type"] for v in volume["blocks"].values()]
+    block = "ImplicitBlock" if model == "image-impflow" else "ResidualBlock"
+    assert types[0] == "Logit" and types.count(block) == 3 and {"ActNorm", "Squeeze"} <= set(types)
+    parts = sum(v["logdet_mean"] for v in volume["blocks"].values())
+    assert parts == pytest.approx(volume["logdet_total_mean"], rel=1e-5)
+    assert abs(volume["logdet_total_mean"]) > 1  # the logit step alone changes the volume
+    for name, v in volume["blocks"].items():
+        if v["type"] == block:
+            assert 0 < v["lip"] <= v["lip_bound"] * (1 + 1e-5), name
+            assert 0 < v["lip_inv"] <= v["lip_inv_bound"] * (1 + 1e-5), name
+
+
 def test_volume_monitor_off_and_plot_without_records(tmp_path):
     trainer = Trainer(RunConfig(**TINY | dict(steps=3, blocks=1)), tmp_path, volume_points=0)
     trainer.fit()

@@ -5,6 +5,8 @@ import functools
 import pytest
 import torch
 
+import impflow.logdet
+
 from impflow import Flow, ImplicitBlock, ResidualBlock
 from impflow.models.image import default_image_logdet, image_impflow, image_resflow
 from impflow.nn.lipschitz_conv import LipschitzConvNet
@@ -36,6 +38,88 @@ def test_conv_block_round_trip_and_exact_logdet(kind):
     assert (ladj_inv - jacobian_logdet(block.inverse, x)).abs().max() < 1e-8
 
 
+def count_forward_jacobians(monkeypatch) -> list[int]:
+    """A list that gets a 1 for every forward-mode Jacobian that completes."""
+    done: list[int] = []
+    real = impflow.logdet.forward_jacobian
+
+    def counted(g, x):
+        out = real(g, x)
+        done.append(1)
+        return out
+
+    monkeypatch.setattr(impflow.logdet, "forward_jacobian", counted)
+    return done
+
+
+def reverse_mode_only(monkeypatch):
+    """Make the forward-mode Jacobian unavailable, as for a g with an op that has no jvp rule."""
+    def refuse(g, x):
+        raise NotImplementedError("no forward-mode rule")
+    monkeypatch.setattr(impflow.logdet, "forward_jacobian", refuse)
+
+
+@pytest.mark.parametrize("kind", ["residual", "implicit"])
+def test_exact_training_jacobian_runs_forward_mode_with_reverse_mode_gradients(kind, monkeypatch):
+    """Differentiable exact log-dets of images come from batched jvps; their gradients (x and
+    parameters) equal those of the batched-vjp Jacobian, which remains the fallback."""
+    torch.manual_seed(1)
+    block = conv_block(kind)
+
+    def grads():
+        x = torch.randn(3, 2, 4, 4, dtype=D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        z, ladj = block(x)
+        (ladj.sum() + (z * z).sum()).backward()
+        out = [x.grad] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad()
+        return ladj.detach(), out
+
+    calls = count_forward_jacobians(monkeypatch)
+    ladj_fwd, g_fwd = grads()
+    assert calls == [1] * (1 if kind == "residual" else 2)
+    reverse_mode_only(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="reverse mode"):
+        ladj_rev, g_rev = grads()
+    assert (ladj_fwd - ladj_rev).abs().max() < 1e-12
+    for a, b in zip(g_fwd, g_rev):
+        assert (a - b).abs().max() < 1e-10 * (1 + b.abs().max())
+
+
+def test_exact_image_logdet_gradient_matches_finite_differences():
+    block = conv_block("residual", shape=(1, 2, 2))
+    x = torch.randn(2, 1, 2, 2, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: block(v)[1], (x,))
+
+
+def test_exact_image_training_is_the_same_in_both_modes(monkeypatch):
+    """Three Adam steps of an exact-log-det image ImpFlow (float64): the forward-mode Jacobian
+    (spectral power iterations running inside it) gives the losses and spectral vectors of the
+    batched-vjp one."""
+    def train():
+        torch.manual_seed(0)
+        flow = image_impflow((1, 8, 8), logdet="exact", logit_alpha=0.05, **SMALL).to(D)
+        opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+        x = images(16)
+        losses = []
+        for _ in range(3):
+            loss = -flow.log_prob(x).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses), [b.clone() for n, b in flow.named_buffers() if n.endswith((".u", ".v"))]
+
+    calls = count_forward_jacobians(monkeypatch)
+    losses_fwd, vec_fwd = train()
+    assert len(calls) == 3 * 2 * 3  # every step (weights changed, power iterations pending) in forward mode
+    reverse_mode_only(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="reverse mode"):
+        losses_rev, vec_rev = train()
+    assert (losses_fwd - losses_rev).abs().max() < 1e-9
+    assert losses_fwd[-1] < losses_fwd[0] - 0.1
+    assert len(vec_fwd) > 0 and all((a - b).abs().max() < 1e-9 for a, b in zip(vec_fwd, vec_rev))
+
+
 def images(n=8, shape=(1, 8, 8), seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, *shape, generator=g)
@@ -45,7 +129,7 @@ def images(n=8, shape=(1, 8, 8), seed=0):
 @pytest.mark.parametrize("factor_out", [False, True])
 def test_digits_sized_flow(name, factor_out):
     """(1, 8, 8), exact log-dets: training step, round trip, sampling consistent with log_prob."""
-    flow = BUILDERS[name]((1, 8, 8), factor_out=factor_out, logit_alpha=0.05, **SMALL)
+    flow = BUILDERS[name]((1, 8, 8), factor_out=factor_out, logit_alpha=0.05, logdet="exact", **SMALL)
     assert isinstance(flow, Flow) and flow.event_shape == (1, 8, 8)
     x = images()
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
@@ -88,8 +172,9 @@ def test_layout_and_defaults():
     flow = image_resflow((1, 8, 8), 2, hidden=4, factor_out=True)
     blocks = [m for m in flow.modules() if isinstance(m, ResidualBlock)]
     assert [b.event_shape for b in blocks] == [(1, 8, 8)] * 2 + [(2, 4, 4)] * 2 + [(4, 2, 2)] * 2
-    assert {b.logdet.mode for b in blocks} == {"exact"}
-    assert default_image_logdet((3, 8, 8)) == "unbiased"
+    assert {b.logdet.mode for b in blocks} == {"neumann"}  # training; evaluation is exact up to 64-D
+    assert default_image_logdet((1, 4, 4)) == "exact"
+    assert default_image_logdet((1, 4, 5)) == "neumann"
     flow = image_impflow((1, 8, 8), (1, 1), hidden=4)
     assert [b.g_x.event_shape for b in flow.modules() if isinstance(b, ImplicitBlock)] == [(1, 8, 8), (4, 4, 4)]
     with pytest.raises(ValueError, match="divisible"):
@@ -99,10 +184,10 @@ def test_layout_and_defaults():
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_colour_flow_with_unbiased_logdet(name):
-    """(3, 8, 8) = 192 dims: the Russian-roulette estimator by default; finite log-probs and gradients."""
+def test_colour_flow_with_neumann_logdet(name):
+    """(3, 8, 8) = 192 dims: the Neumann-gradient estimator by default; finite log-probs and gradients."""
     flow = BUILDERS[name]((3, 8, 8), blocks_per_scale=(1, 1), hidden=8)
-    assert {b.logdet.mode for b in flow.modules() if isinstance(b, ResidualBlock)} == {"unbiased"}
+    assert {b.logdet.mode for b in flow.modules() if isinstance(b, ResidualBlock)} == {"neumann"}
     x = torch.randn(4, 3, 8, 8)
     lp = flow.log_prob(x)
     assert torch.isfinite(lp).all()

@@ -1,10 +1,11 @@
-"""SpectralConv2d, LipschitzConvNet and conv_lipschitz_bound: operator norms checked on dense matrices."""
+"""SpectralConv2d, LipschitzConvNet and lipschitz_bound on them: operator norms checked on dense matrices."""
 
 import pytest
 import torch
 
 from impflow.nn import SpectralLinear
-from impflow.nn.lipschitz_conv import LipschitzConvNet, SpectralConv2d, conv_lipschitz_bound
+from impflow.nn.lipschitz import lipschitz_bound
+from impflow.nn.lipschitz_conv import LipschitzConvNet, SpectralConv2d
 
 D = torch.float64
 
@@ -70,7 +71,7 @@ def test_certified_bound_holds_after_aggressive_training():
     g = LipschitzConvNet(2, 8, (2, 4, 4), coeff=0.9).to(D)
     x = torch.randn(64, 2, 4, 4, dtype=D)
     train_to_expand(g, x)
-    bound = conv_lipschitz_bound(g)
+    bound = lipschitz_bound(g)
     assert bound < 1.0
     norms = []
     for xi in x[:16]:
@@ -85,11 +86,11 @@ def test_bound_is_product_of_exact_norms_over_convs_and_linears():
     lin = SpectralLinear(18, 4, coeff=0.7)
     net = torch.nn.Sequential(conv, torch.nn.Tanh(), torch.nn.Flatten(), lin).to(D)
     expected = dense_norm(conv) * float(torch.linalg.matrix_norm(lin.normalized_weight().detach(), ord=2))
-    assert conv_lipschitz_bound(net) == pytest.approx(expected, rel=1e-12)
+    assert lipschitz_bound(net) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(TypeError, match="not Lipschitz-constrained"):
-        conv_lipschitz_bound(torch.nn.Sequential(conv, torch.nn.Conv2d(2, 2, 1)))
+        lipschitz_bound(torch.nn.Sequential(conv, torch.nn.Conv2d(2, 2, 1)))
     with pytest.raises(TypeError, match="no spectrally normalised"):
-        conv_lipschitz_bound(torch.nn.Tanh())
+        lipschitz_bound(torch.nn.Tanh())
 
 
 def test_conv_net_shapes_and_bad_arguments():
@@ -106,3 +107,13 @@ def test_conv_net_shapes_and_bad_arguments():
         LipschitzConvNet(3, 8, (3, 4, 4), coeff=1.0)
     with pytest.raises(ValueError, match="unknown activation"):
         LipschitzConvNet(3, 8, (3, 4, 4), activation="relu")
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_operator_norm_is_the_dense_operators(kernel):
+    """A 1×1 convolution's norm is taken from its (C', C) matrix (I_HW ⊗ W̃); it must equal the
+    dense operator's, as the SVD of the dense matrix gives for other kernels."""
+    conv = SpectralConv2d(3, 5, kernel, (3, 4, 4), coeff=10.0).to(D)
+    with torch.no_grad():
+        conv.weight.mul_(3)
+    assert conv.operator_norm() == pytest.approx(dense_norm(conv), rel=1e-12)

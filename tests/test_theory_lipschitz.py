@@ -5,7 +5,7 @@ import torch
 
 from impflow import Compose, ImplicitBlock, LipschitzMLP, ResidualBlock
 from impflow.nn.lipschitz import SpectralLinear
-from impflow.theory import block_lipschitz_bounds, estimate_lipschitz, jacobian_spectral_norms
+from impflow.theory import block_lipschitz_bounds, estimate_lipschitz, jacobian_singular_values, jacobian_spectral_norms
 
 
 def _linear(diag: list[float]) -> SpectralLinear:
@@ -57,3 +57,27 @@ def test_estimate_matches_finite_differences_in_1d():
     assert norms.shape == (4001,)
     assert float(fd.max()) == pytest.approx(float(norms.max()), rel=1e-3)
     assert torch.allclose(fd, (norms[1:] + norms[:-1]) / 2, rtol=1e-3)
+
+
+def test_inverse_norms_from_the_forward_singular_values():
+    """‖J_{f⁻¹}(f(x))‖₂ = 1/σ_min(J_f(x)): the volume monitor's lip_inv without inverse solves."""
+    torch.manual_seed(3)
+    mlp = lambda: LipschitzMLP(3, (16,), coeff=0.9).double()  # noqa: E731
+    x = torch.randn(32, 3, dtype=torch.float64)
+    for block in (ResidualBlock(mlp()), ImplicitBlock(mlp(), mlp())):
+        sv = jacobian_singular_values(block.map, x)
+        assert sv.shape == (32, 3) and (sv[:, :-1] >= sv[:, 1:]).all()
+        assert torch.allclose(sv[:, 0], jacobian_spectral_norms(block.map, x))
+        with torch.no_grad():
+            z = block.map(x)
+        assert torch.allclose(1 / sv[:, -1], jacobian_spectral_norms(block.inverse, z), rtol=1e-7)
+
+
+def test_singular_values_of_image_maps():
+    """(batch, C, H, W) maps are flattened: a fixed linear map's singular values come back."""
+    A = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = lambda t: (t.flatten(1) @ A.T).reshape(t.shape)  # noqa: E731
+    sv = jacobian_singular_values(f, torch.randn(5, 2, 2, 2, dtype=torch.float64))
+    assert torch.allclose(sv, torch.linalg.svdvals(A).expand(5, 8))
+    with pytest.raises(ValueError, match="batch"):
+        jacobian_singular_values(lambda t: t.sum(), torch.randn(5, 2, dtype=torch.float64))

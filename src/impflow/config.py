@@ -208,8 +208,9 @@ class RunConfig:
     )
     logdet: str | None = _opt(
         None,
-        "training log-det estimator: exact, unbiased or neumann (default exact up to 16-D vectors and 64-D "
-        "images, else unbiased); evaluation is exact up to 64 dimensions, else unbiased with its standard error",
+        "training log-det estimator: exact, unbiased or neumann (default exact up to 16 dimensions, else unbiased "
+        "for vectors and neumann for images); evaluation is exact up to 64 dimensions, else unbiased with its "
+        "standard error",
     )
     steps: int = _opt(2000, "total optimisation steps", int, resumable=True)
     batch_size: int = _opt(1024, "training minibatch size", int)

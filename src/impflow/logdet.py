@@ -1,6 +1,8 @@
 """log det(I + J_g(x)) for residual maps x ↦ x + g(x) with Lip(g) < 1, three ways.
 
-* ``"exact"``: the full Jacobian by batched (vmap'ed) vector-Jacobian products, then slogdet.
+* ``"exact"``: the full Jacobian by batched (vmap'ed) vector-Jacobian products, then slogdet;
+  in training on images (event dims > 1) by batched Jacobian-vector products instead
+  (:func:`forward_jacobian`).
 * ``"unbiased"``: the power series log det(I + J) = Σ_{k≥1} (−1)^{k+1} tr(J^k)/k, each trace by a
   Hutchinson probe vᵀJ^k v (v ~ N(0, I)), truncated at n_exact + N terms with N random
   (geometric or Poisson, "Russian roulette") and term k reweighted by 1/P(n_exact + N ≥ k):
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["LogDetConfig", "exact_logdet", "exact_forced", "residual_logdet", "jacobian"]
+from .nn.lipschitz import refine_spectral
+
+__all__ = ["LogDetConfig", "exact_logdet", "exact_forced", "residual_logdet", "jacobian", "forward_jacobian"]
 
 _FORCE_EXACT = 0
 
@@ -143,6 +148,37 @@ def jacobian(gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
     return rows.reshape(n, B, n).transpose(0, 1)
 
 
+def forward_jacobian(g: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """g(x) and the per-sample Jacobian J[b] = ∂g(x_b)/∂x_b (batch, n, n), column i the jvp J e_i.
+
+    The n jvps run as one batch (``torch.func.vmap`` over ``torch.func.jvp``) and g(x) is their
+    shared primal, so g runs once. Both stay on the ordinary autograd graph of x and of g's
+    parameters. Differentiating the log-det then runs reverse-over-forward, which batches
+    conv2d; the reverse-over-reverse of :func:`jacobian` does not (torch 2.13 loops over the n
+    directions there): ``benchmarks/exact_jacobian.py`` measures both.
+    """
+    if isinstance(g, torch.nn.Module):
+        refine_spectral(g)  # inside the transform the pending power iterations could not run
+    n = x[0].numel()
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    basis = eye.reshape(n, 1, *x.shape[1:]).expand(n, *x.shape)
+    gx, cols = torch.func.vmap(lambda v: torch.func.jvp(g, (x,), (v,)), out_dims=(None, 0))(basis)
+    return gx, cols.reshape(n, x.shape[0], n).permute(1, 2, 0)
+
+
+def _exact_jacobian(g: Callable[[Tensor], Tensor], x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
+    """g(x) and J_g(x): forward mode for a differentiable Jacobian on images (event dims > 1), where
+    it is faster; else, or where g has an op without a forward-mode rule, :func:`jacobian`."""
+    if create_graph and x.dim() > 2:
+        try:
+            return forward_jacobian(g, x)
+        except RuntimeError as e:  # NotImplementedError included: an op or autograd.Function without a jvp
+            warnings.warn(f"forward-mode Jacobian of {type(g).__name__} failed ({e}); using the slower "
+                          "reverse mode", RuntimeWarning, stacklevel=2)
+    gx = g(x)
+    return gx, jacobian(gx, x, create_graph)
+
+
 def _vjp(gx: Tensor, x: Tensor, w: Tensor, create_graph: bool) -> Tensor:
     return torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph)[0]
 
@@ -218,13 +254,12 @@ def residual_logdet(
     mode = "exact" if exact_forced() else config.mode
     with torch.enable_grad():
         xg = x if (track and x.requires_grad) else x.detach().requires_grad_(True)
-        gx = g(xg)
-        J = None
         if mode == "exact":
-            J = jacobian(gx, xg, create_graph=track)
+            gx, J = _exact_jacobian(g, xg, create_graph=track)
             n = J.shape[-1]
             ld = torch.linalg.slogdet(torch.eye(n, dtype=J.dtype, device=J.device) + J)[1]
         else:
+            gx, J = g(xg), None
             neumann = mode == "neumann" and track
             ld = _series(gx, xg, config, create_graph=track, neumann=neumann, contraction=contraction, update=update)
     if not track:

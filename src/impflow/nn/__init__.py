@@ -1,12 +1,22 @@
 """Networks used inside transforms."""
 
 from .conditioners import MLP, ConvNet, conditioner, unflatten_params
-from .lipschitz import ACTIVATIONS, LipschitzMLP, LipSwish, Sine, SpectralLinear, lipschitz_bound, sync_spectral
-from .lipschitz_conv import LipschitzConvNet, SpectralConv2d, conv_lipschitz_bound
+from .lipschitz import (
+    ACTIVATIONS,
+    LipschitzMLP,
+    LipSwish,
+    Sine,
+    SpectralLinear,
+    lipschitz_bound,
+    refine_spectral,
+    sync_spectral,
+)
+from .lipschitz_conv import LipschitzConvNet, SpectralConv2d
 from .made import MADE, MaskedLinear
 
 __all__ = [
-    "SpectralLinear", "LipSwish", "Sine", "LipschitzMLP", "lipschitz_bound", "sync_spectral", "ACTIVATIONS",
-    "SpectralConv2d", "LipschitzConvNet", "conv_lipschitz_bound",
+    "SpectralLinear", "LipSwish", "Sine", "LipschitzMLP", "lipschitz_bound", "sync_spectral", "refine_spectral",
+    "ACTIVATIONS",
+    "SpectralConv2d", "LipschitzConvNet",
     "MLP", "ConvNet", "conditioner", "unflatten_params", "MADE", "MaskedLinear",
 ]  # fmt: skip

@@ -23,6 +23,7 @@ __all__ = [
     "LipschitzMLP",
     "lipschitz_bound",
     "sync_spectral",
+    "refine_spectral",
     "ACTIVATIONS",
 ]
 
@@ -157,6 +158,11 @@ class SpectralLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)
 
+    @torch.no_grad()
+    def operator_norm(self) -> float:
+        """The exact ‖W̃‖₂ (an SVD, not the power-iteration estimate)."""
+        return float(torch.linalg.matrix_norm(self.normalized_weight(), ord=2))
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, coeff={self.coeff}"
 
@@ -263,6 +269,15 @@ class LipschitzMLP(nn.Module):
         return self.net(x)
 
 
+def refine_spectral(module: nn.Module) -> None:
+    """Run now the power iterations pending in ``module``'s spectral layers (weights changed
+    since their last refinement), as their next call would: needed before a function transform
+    (``torch.func``), which may not mutate their ``u``, ``v``."""
+    for m in module.modules():
+        if isinstance(m, SpectralLinear) and not m.current:
+            m.power_iteration()
+
+
 def sync_spectral(module: nn.Module, max_entries: int | None = None) -> float:
     """:meth:`SpectralLinear.sync_exact` on every spectrally normalised layer of ``module`` (with
     ``max_entries``: only those whose dense operator has at most that many entries; larger ones,
@@ -280,19 +295,20 @@ def sync_spectral(module: nn.Module, max_entries: int | None = None) -> float:
 def lipschitz_bound(module: nn.Module) -> float:
     """Certified upper bound on Lip(g) for a feed-forward stack of spectrally normalised layers.
 
-    Product over the :class:`SpectralLinear` layers of the *exact* ‖W̃‖₂
-    (``torch.linalg.matrix_norm(ord=2)``), activations being 1-Lipschitz. Works for any
-    module whose Lipschitz-relevant layers are SpectralLinear in sequence (e.g. LipschitzMLP).
+    Product over the :class:`SpectralLinear` layers (convolutions included) of their *exact*
+    operator norms (:meth:`SpectralLinear.operator_norm`), activations being 1-Lipschitz. Works
+    for any module whose Lipschitz-relevant layers are SpectralLinear in sequence (LipschitzMLP,
+    LipschitzConvNet). Raises TypeError for unconstrained Linear/Conv layers or when there is
+    no normalised layer.
     """
     bound = 1.0
     found = False
     for m in module.modules():
         if isinstance(m, SpectralLinear):
             found = True
-            W = m.operator_matrix() if hasattr(m, "operator_matrix") else m.normalized_weight()
-            bound *= float(torch.linalg.matrix_norm(W, ord=2))
+            bound *= m.operator_norm()
         elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             raise TypeError(f"{type(m).__name__} is not Lipschitz-constrained; no bound available")
     if not found:
-        raise TypeError(f"{type(module).__name__} has no SpectralLinear layers")
+        raise TypeError(f"{type(module).__name__} has no spectrally normalised layers")
     return bound

@@ -5,7 +5,7 @@
 operator's — by power iteration with ``conv2d`` and its adjoint ``conv_transpose2d``. It is a
 :class:`~impflow.nn.lipschitz.SpectralLinear` whose linear map is that convolution, so it keeps
 the same refresh policy (warm-started steps whenever the weight's version changes) and the same
-checkpoint hooks. :func:`conv_lipschitz_bound` certifies a network from the *exact* operator norms.
+checkpoint hooks. :func:`~impflow.nn.lipschitz.lipschitz_bound` certifies a network from the *exact* operator norms.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .lipschitz import ACTIVATIONS, SpectralLinear, _unit, check_lipschitz_args
 
-__all__ = ["SpectralConv2d", "LipschitzConvNet", "conv_lipschitz_bound"]
+__all__ = ["SpectralConv2d", "LipschitzConvNet"]
 
 
 class SpectralConv2d(SpectralLinear):
@@ -96,6 +96,15 @@ class SpectralConv2d(SpectralLinear):
         """The dense matrix (C'HW, CHW) of x ↦ W̃ ⋆ x, from the identity basis (small shapes only)."""
         return self._dense(self.normalized_weight())
 
+    @torch.no_grad()
+    def operator_norm(self) -> float:
+        """The exact operator norm of x ↦ W̃ ⋆ x. A 1×1 convolution applies the (C', C) matrix
+        W̃[:, :, 0, 0] at every pixel (the operator is I_HW ⊗ W̃), so its norm is that matrix's;
+        other kernels take the SVD of :meth:`operator_matrix`."""
+        if self.kernel_size == 1:
+            return float(torch.linalg.matrix_norm(self.normalized_weight()[:, :, 0, 0], ord=2))
+        return float(torch.linalg.matrix_norm(self.operator_matrix(), ord=2))
+
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
@@ -157,30 +166,3 @@ class LipschitzConvNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (batch, C, H, W) -> g(x) (batch, C, H, W)."""
         return self.net(x)
-
-
-@torch.no_grad()
-def conv_lipschitz_bound(module: nn.Module) -> float:
-    """Certified upper bound on Lip(g) for a feed-forward stack of spectrally normalised layers.
-
-    Product of the exact operator norms ``torch.linalg.matrix_norm(A, ord=2)``: A the dense
-    operator matrix of each :class:`SpectralConv2d` (:meth:`~SpectralConv2d.operator_matrix`) and
-    the normalised weight of each :class:`SpectralLinear`; activations are 1-Lipschitz. Raises
-    TypeError for unconstrained Linear/Conv layers or when there is no normalised layer.
-    """
-    bound = 1.0
-    found = False
-    for m in module.modules():
-        if isinstance(m, SpectralConv2d):
-            A = m.operator_matrix()
-        elif isinstance(m, SpectralLinear):
-            A = m.normalized_weight()
-        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            raise TypeError(f"{type(m).__name__} is not Lipschitz-constrained; no bound available")
-        else:
-            continue
-        found = True
-        bound *= float(torch.linalg.matrix_norm(A, ord=2))
-    if not found:
-        raise TypeError(f"{type(module).__name__} has no spectrally normalised layers")
-    return bound

@@ -120,37 +120,34 @@ class Progress:
 
 
 class VolumeMonitor:
-    """Volume balance of a flow (DESIGN.md §4): per-block log-dets and Lipschitz estimates.
+    """Volume balance of a flow (DESIGN.md §4): per-layer log-dets and Lipschitz estimates.
 
-    On fixed points ``points`` (e.g. the first ≤ 256 validation points), each member of the
-    flow's top-level :class:`~impflow.transforms.Compose` (ActNorm, ResidualBlock,
-    ImplicitBlock or any Transform) gets, at its own inputs (the outputs of the members before
-    it):
+    On fixed points ``points`` (e.g. the first ≤ 256 validation points), every layer of the flow
+    (:func:`~impflow.transforms.layers`: containers such as Compose and an image model's
+    multi-scale stack opened; ActNorm, ResidualBlock, ImplicitBlock, Logit, Squeeze or any other
+    Transform whole) gets, at its own inputs in one pass of the flow:
 
     * ``logdet_mean``, ``logdet_std``: mean and standard deviation over the points of its exact
       log|det ∂y/∂x| (nats);
     * residual and implicit blocks also: ``lip`` = max ‖J_f‖₂ over the inputs and ``lip_inv`` =
-      max ‖J_{f⁻¹}‖₂ over the outputs (:func:`impflow.theory.estimate_lipschitz`, lower
-      estimates of Lip(f), Lip(f⁻¹)), and the certified bounds ``lip_bound``, ``lip_inv_bound``
-      (:func:`impflow.theory.block_lipschitz_bounds`).
+      max ‖J_{f⁻¹}‖₂ over the outputs, lower estimates of Lip(f), Lip(f⁻¹), both from the singular
+      values of J_f at the inputs (:func:`impflow.theory.jacobian_singular_values`;
+      J_{f⁻¹}(f(x)) = J_f(x)⁻¹, so no inverse is solved), and the certified bounds ``lip_bound``,
+      ``lip_inv_bound`` (:func:`impflow.theory.block_lipschitz_bounds`).
 
     Calling the monitor returns ``{"n_points", "logdet_total_mean", "blocks": {"K Type": {...}},
-    "convergence_warnings"}`` (JSON-ready). It uses no randomness (exact log-dets, fixed points)
-    and leaves the model's state alone (eval mode, gradients only with respect to the points),
-    so a training run that calls it stays exactly resumable. Should a diagnostic fail, the
-    result is ``{"error": message}`` instead of an exception: it never stops training.
+    "convergence_warnings"}`` (JSON-ready; K counts the layers in the order they ran, and
+    ``logdet_total_mean`` is the flow's own log-det, which the layers' add up to). It uses no
+    randomness (exact log-dets, fixed points) and leaves the model's state alone (eval mode,
+    gradients only with respect to the points), so a training run that calls it stays exactly
+    resumable. Should a diagnostic fail, the result is ``{"error": message}`` instead of an
+    exception: it never stops training.
     """
 
     def __init__(self, flow: nn.Module, points: Tensor, lipschitz: bool = True) -> None:
         self.flow = flow
         self.points = points
         self.lipschitz = lipschitz
-
-    def _members(self) -> list[nn.Module]:
-        from ..transforms import Compose
-
-        t = self.flow.transform
-        return list(t) if isinstance(t, Compose) else [t]
 
     def __call__(self) -> dict[str, Any]:
         counter = WarningCounter()
@@ -165,32 +162,45 @@ class VolumeMonitor:
             self.flow.train(was_training)
         return result | {"convergence_warnings": counter.count}
 
-    def _measure(self) -> dict[str, Any]:
+    def _run(self) -> tuple[Tensor, list[tuple[nn.Module, Tensor, Tensor]]]:
+        """One exact pass of the flow: its log-det and, per layer in the order they ran,
+        (layer, input, log-det)."""
         from ..logdet import exact_logdet
-        from ..theory import block_lipschitz_bounds, estimate_lipschitz
+        from ..transforms import layers
+
+        ran: list[tuple[nn.Module, Tensor, Tensor]] = []
+        hooks = [layer.register_forward_hook(lambda mod, inputs, out: ran.append((mod, inputs[0], out[1])))
+                 for layer in layers(self.flow.transform)]
+        try:
+            with torch.no_grad(), exact_logdet():
+                _, total = self.flow.transform(self.points)
+        finally:
+            for h in hooks:
+                h.remove()
+        return total, ran
+
+    def _measure(self) -> dict[str, Any]:
+        from ..theory import block_lipschitz_bounds, jacobian_singular_values
         from ..transforms import ImplicitBlock
 
-        x = self.points
+        total, ran = self._run()
         blocks: dict[str, dict[str, float]] = {}
-        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        for k, block in enumerate(self._members()):
-            with torch.no_grad(), exact_logdet():
-                y, ladj = block(x)
+        for k, (block, x, ladj) in enumerate(ran):
             ladj = ladj.detach().double()
-            total += ladj
             entry: dict[str, Any] = {
                 "type": type(block).__name__,
                 "logdet_mean": ladj.mean().item(),
                 "logdet_std": ladj.std().item() if ladj.numel() > 1 else 0.0,
             }
             if self.lipschitz and isinstance(block, (ResidualBlock, ImplicitBlock)):
-                entry["lip"] = estimate_lipschitz(block.map, x)
-                entry["lip_inv"] = estimate_lipschitz(block.inverse, y.detach())
+                sv = jacobian_singular_values(block.map, x)
+                entry["lip"] = sv[:, 0].max().item()
+                entry["lip_inv"] = sv[:, -1].reciprocal().max().item()
                 try:
                     bounds = block_lipschitz_bounds(block)
                     entry["lip_bound"], entry["lip_inv_bound"] = bounds["forward"], bounds["inverse"]
                 except TypeError:  # g without spectrally normalised layers: no certificate
                     pass
             blocks[f"{k} {type(block).__name__}"] = entry
-            x = y.detach()
-        return {"n_points": int(x.shape[0]), "logdet_total_mean": total.mean().item(), "blocks": blocks}
+        n = int(self.points.shape[0])
+        return {"n_points": n, "logdet_total_mean": total.detach().double().mean().item(), "blocks": blocks}

@@ -9,12 +9,13 @@ Every transform maps the *normalizing* direction, ``z = f(x)``::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Transform", "Compose", "Inverse", "check_input"]
+__all__ = ["Transform", "Compose", "Inverse", "check_input", "layers"]
 
 
 def check_input(x: Tensor, event_shape: Sequence[int] | None = None, name: str = "x") -> None:
@@ -50,8 +51,11 @@ class Transform(nn.Module):
 
     Subclasses implement :meth:`forward` and :meth:`inverse`; those whose inverse
     can produce its own log-determinant more cheaply than a second forward pass
-    override :meth:`inverse_and_log_det`.
+    override :meth:`inverse_and_log_det`. ``container``: the transform only chains others
+    (:class:`Compose`, :class:`~impflow.transforms.reshape.MultiScale`); :func:`layers` opens it.
     """
+
+    container: ClassVar[bool] = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """x (batch, *event) -> (z (batch, *event), log|det ∂z/∂x| (batch,))."""
@@ -68,8 +72,21 @@ class Transform(nn.Module):
         return x, -ladj
 
 
+def layers(module: nn.Module) -> Iterator[Transform]:
+    """The transforms ``module`` (a flow, a transform) chains: containers and plain modules are
+    opened, every other transform is yielded whole (an ImplicitBlock with its two residual maps,
+    an ActNorm, a Squeeze, …), in registration order."""
+    if isinstance(module, Transform) and not module.container:
+        yield module
+        return
+    for child in module.children():
+        yield from layers(child)
+
+
 class Compose(Transform):
     """f = f_n ∘ … ∘ f_1: log-dets summed, inverses applied in reverse order."""
+
+    container = True
 
     def __init__(self, *transforms: Transform | Iterable[Transform]) -> None:
         super().__init__()

@@ -121,6 +121,8 @@ class MultiScale(Transform):
         hidden: width of the Split conv nets.
     """
 
+    container = True
+
     def __init__(
         self,
         shape: tuple[int, int, int],
