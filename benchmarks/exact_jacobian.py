@@ -6,14 +6,17 @@ batched with ``torch.func.vmap``) — and timed
 
 * in training: J with a graph, then log det(I + J) + Σ g(x) backpropagated to x and the
   parameters (reverse-over-reverse against reverse-over-forward);
-* in evaluation: J without a graph.
+* in evaluation: J without a graph;
+
+each with the directions in the library's CPU chunks (``impflow.logdet.CPU_CHUNK_ELEMENTS``) and
+all at once (``whole``).
 
 The networks: the first block of each scale of ``image_resflow((1, 8, 8))`` (digits; hidden 64,
 kernels 3-1-3) on a batch of 64, and the first g of ``resflow(d)`` for d = 2, 16 (hidden 128-128)
 on a batch of 1024. The two modes alternate within each repetition; medians are reported with
 their ratio, and the two Jacobians are checked to agree. ``residual_logdet`` uses forward mode
 for differentiable Jacobians of images (inputs with more than one event dimension) and reverse
-mode otherwise: this benchmark is the measurement behind that rule.
+mode otherwise, and chunks the directions on CPU: this benchmark is the measurement behind both.
 
     python benchmarks/exact_jacobian.py [--reps 5] [--threads 1] [--dtype float32]
 """
@@ -27,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+import impflow.logdet
 from impflow.logdet import forward_jacobian, jacobian
 from impflow.models import image_resflow, resflow
 from impflow.transforms.residual import ResidualBlock
@@ -78,14 +82,24 @@ def measure(g: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype, reps
                 jac(g, xe, False)
         return run
 
-    times: dict[str, list[float]] = {k: [] for k in ("train_reverse", "train_forward", "eval_reverse", "eval_forward")}
-    for _ in range(reps + 1):  # the first repetition warms up
-        for key, fn in (("train_reverse", train(reverse)), ("train_forward", train(forward)),
-                        ("eval_reverse", evaluate(reverse)), ("eval_forward", evaluate(forward))):
-            times[key].append(timed(fn))
+    chunked = impflow.logdet.CPU_CHUNK_ELEMENTS
+    runs = {f"{phase}_{mode}{suffix}": (make(jac), elements)
+            for phase, make in (("train", train), ("eval", evaluate))
+            for mode, jac in (("reverse", reverse), ("forward", forward))
+            for suffix, elements in (("", chunked), ("_whole", 2**62))}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    try:
+        for _ in range(reps + 1):  # the first repetition warms up
+            for key, (fn, elements) in runs.items():
+                impflow.logdet.CPU_CHUNK_ELEMENTS = elements
+                times[key].append(timed(fn))
+    finally:
+        impflow.logdet.CPU_CHUNK_ELEMENTS = chunked
     row = {k: statistics.median(v[1:]) for k, v in times.items()}
-    row["train_reverse/forward"] = row["train_reverse"] / row["train_forward"]
-    row["eval_reverse/forward"] = row["eval_reverse"] / row["eval_forward"]
+    for phase in ("train", "eval"):
+        row[f"{phase}_reverse/forward"] = row[f"{phase}_reverse"] / row[f"{phase}_forward"]
+        for mode in ("reverse", "forward"):
+            row[f"{phase}_{mode}_whole/chunked"] = row[f"{phase}_{mode}_whole"] / row[f"{phase}_{mode}"]
     Jr = reverse(g, x, False)[1]
     with torch.no_grad():
         Jf = forward_jacobian(g, x.detach())[1]
@@ -108,6 +122,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     cols = ["network", "batch", "train_reverse", "train_forward", "train_reverse/forward",
             "eval_reverse", "eval_forward", "eval_reverse/forward", "max_abs_diff"]
+    chunk_cols = ["network", "batch"] + [f"{p}_{m}_whole/chunked" for p in ("train", "eval")
+                                         for m in ("reverse", "forward")]
     command = "python benchmarks/exact_jacobian.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_save")
     md = "\n".join([
@@ -118,6 +134,12 @@ def main() -> None:
         "A ratio above 1 means forward mode is faster.",
         "",
         table(rows, cols),
+        "",
+        f"## Chunked directions (CPU_CHUNK_ELEMENTS = {impflow.logdet.CPU_CHUNK_ELEMENTS}) against all at once",
+        "",
+        "Seconds all at once / seconds in chunks (the table above): above 1 means chunking is faster.",
+        "",
+        table(rows, chunk_cols),
         "",
     ])
     publish("exact_jacobian", {"machine": machine(), "command": command, "settings": vars(args), "rows": rows},

@@ -128,6 +128,19 @@ class LogDetConfig:
         return max(1.0 - cdf, 1e-300)
 
 
+CPU_CHUNK_ELEMENTS = 2**16
+"""On CPU the n directions of a batched Jacobian go in chunks of k with k·(batch)·n ≤ this many
+elements: bigger temporaries (a conv net's activations are ~100× its input) are allocated afresh
+and page-faulted on every call. Measured by ``benchmarks/exact_jacobian.py`` (2–3× at the
+first digits scale); on CUDA the caching allocator has no such cost and all n go at once."""
+
+
+def _chunk(x: Tensor) -> int:
+    """How many of the n = x[0].numel() directions one batched call takes."""
+    n = x[0].numel()
+    return n if x.device.type != "cpu" else max(1, min(n, CPU_CHUNK_ELEMENTS // x.numel()))
+
+
 def jacobian(gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
     """Per-sample Jacobian J[b] = ∂g(x_b)/∂x_b, shape (batch, n, n), by batched vjps.
 
@@ -138,9 +151,10 @@ def jacobian(gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
     eye = torch.eye(n, dtype=gx.dtype, device=gx.device)
     basis = eye.unsqueeze(1).expand(n, B, n).reshape(n, *gx.shape)
     try:
-        (rows,) = torch.autograd.grad(
-            gx, x, basis, retain_graph=True, create_graph=create_graph, is_grads_batched=True
-        )
+        rows = torch.cat([
+            torch.autograd.grad(gx, x, b, retain_graph=True, create_graph=create_graph, is_grads_batched=True)[0]
+            for b in basis.split(_chunk(x))
+        ])
     except RuntimeError:  # an op without a batching rule: one vjp per output coordinate
         rows = torch.stack(
             [torch.autograd.grad(gx, x, b, retain_graph=True, create_graph=create_graph)[0] for b in basis]
@@ -151,19 +165,24 @@ def jacobian(gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
 def forward_jacobian(g: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     """g(x) and the per-sample Jacobian J[b] = ∂g(x_b)/∂x_b (batch, n, n), column i the jvp J e_i.
 
-    The n jvps run as one batch (``torch.func.vmap`` over ``torch.func.jvp``) and g(x) is their
-    shared primal, so g runs once. Both stay on the ordinary autograd graph of x and of g's
-    parameters. Differentiating the log-det then runs reverse-over-forward, which batches
-    conv2d; the reverse-over-reverse of :func:`jacobian` does not (torch 2.13 loops over the n
-    directions there): ``benchmarks/exact_jacobian.py`` measures both.
+    The jvps run in batches (``torch.func.vmap`` over ``torch.func.jvp``) and g(x) is their
+    shared primal. Both stay on the ordinary autograd graph of x and of g's parameters.
+    Differentiating the log-det then runs reverse-over-forward, which batches conv2d; the
+    reverse-over-reverse of :func:`jacobian` does not (torch 2.13 loops over the n directions
+    there): ``benchmarks/exact_jacobian.py`` measures both.
     """
     if isinstance(g, torch.nn.Module):
         refine_spectral(g)  # inside the transform the pending power iterations could not run
     n = x[0].numel()
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     basis = eye.reshape(n, 1, *x.shape[1:]).expand(n, *x.shape)
-    gx, cols = torch.func.vmap(lambda v: torch.func.jvp(g, (x,), (v,)), out_dims=(None, 0))(basis)
-    return gx, cols.reshape(n, x.shape[0], n).permute(1, 2, 0)
+    jvps = torch.func.vmap(lambda v: torch.func.jvp(g, (x,), (v,)), out_dims=(None, 0))
+    gx, cols = None, []
+    for b in basis.split(_chunk(x)):
+        primal, c = jvps(b)
+        gx = primal if gx is None else gx
+        cols.append(c)
+    return gx, torch.cat(cols).reshape(n, x.shape[0], n).permute(1, 2, 0)
 
 
 def _exact_jacobian(g: Callable[[Tensor], Tensor], x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:

@@ -40,9 +40,9 @@ BlockFactory = Callable[[Shape], Transform]  # event shape of one scale -> one b
 def default_image_logdet(shape: Sequence[int]) -> str:
     """The training estimator: "exact" for C·H·W ≤ 16 (as for vectors), else "neumann".
 
-    Exact training on 8×8 digits costs about 45 times the Neumann estimator per step
+    Exact training on 8×8 digits costs about 20 times the Neumann estimator per step
     (``impflow train --model image-resflow --data digits --steps 20 --batch-size 64 --logdet
-    exact`` trained for 187 s against 4.1 s with ``--logdet neumann``, one thread, 2026-12-07):
+    exact`` trained for 90 s against 4.3 s with ``--logdet neumann``, one thread, 2026-12-07):
     the 64 jvps of every block's Jacobian and their backward. Evaluation stays exact up to 64 dimensions
     (:func:`impflow.train.runs.evaluate`). The Neumann form keeps memory flat in the number of
     series terms and is the estimator of ``benchmarks/digits.py``.
