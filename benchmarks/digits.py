@@ -22,8 +22,8 @@ flow (the Gaussian fit of the same preprocessed data).
 * training: Adam (``--lr``), ``--steps`` steps of ``--batch`` images drawn with replacement,
   the same steps for every model; ResFlow/ImpFlow train with the Neumann log-det gradient
   estimator (the exact 64×64 log-det in training is about 20 times slower: ``impflow train
-  --model image-resflow --data digits --steps 20 --batch-size 64 --logdet exact`` trained for 90 s
-  against 4.3 s with ``--logdet neumann``, one thread, 2026-12-07) and the library's default
+  --model image-resflow --data digits --steps 20 --batch-size 64 --logdet exact`` trained for 81 s
+  against 3.9 s with ``--logdet neumann``, one thread, 2026-12-07) and the library's default
   roulette (geometric, p = 0.5, raised by the variance rule with ``--variance-margin``; ``none``
   gives the fixed-p estimator of the runs before that rule); ImpFlow's root solver is
   ``SolverConfig(method=--solver, tol=--train-tol)``.

@@ -1,22 +1,20 @@
-"""Exact log-det Jacobians: reverse mode (batched vjps) against forward mode (batched jvps).
+"""Exact log-det Jacobians: how to batch the n vector-Jacobian products.
 
-For each residual network g below, J_g(x) is formed both ways — :func:`impflow.logdet.jacobian`
-(n vjps batched with ``is_grads_batched``) and :func:`impflow.logdet.forward_jacobian` (n jvps
-batched with ``torch.func.vmap``) — and timed
+For each residual network g below, the per-sample Jacobian J_g(x) (n directions) is formed three
+ways:
 
-* in training: J with a graph, then log det(I + J) + Σ g(x) backpropagated to x and the
-  parameters (reverse-over-reverse against reverse-over-forward);
-* in evaluation: J without a graph;
+* ``loop``: one plain vjp per direction (n autograd calls);
+* ``batched``: all n vjps in one call (``is_grads_batched``, i.e. vmap over the backward);
+* ``chunked``: the batched call in chunks of k directions, k·batch·n ≤
+  ``impflow.logdet.CPU_CHUNK_ELEMENTS``;
 
-each with the directions in the library's CPU chunks (``impflow.logdet.CPU_CHUNK_ELEMENTS``) and
-all at once (``whole``).
-
-The networks: the first block of each scale of ``image_resflow((1, 8, 8))`` (digits; hidden 64,
-kernels 3-1-3) on a batch of 64, and the first g of ``resflow(d)`` for d = 2, 16 (hidden 128-128)
-on a batch of 1024. The two modes alternate within each repetition; medians are reported with
-their ratio, and the two Jacobians are checked to agree. ``residual_logdet`` uses forward mode
-for differentiable Jacobians of images (inputs with more than one event dimension) and reverse
-mode otherwise, and chunks the directions on CPU: this benchmark is the measurement behind both.
+and timed in training (J with a graph, then log det(I + J) + Σ g(x) backpropagated to x and the
+parameters) and in evaluation (J without a graph). :func:`impflow.logdet.jacobian` uses
+``chunked`` for vectors and ``loop`` for images (event dims > 1): this benchmark is the
+measurement behind that rule. The networks: the first block of each scale of
+``image_resflow((1, 8, 8))`` (digits; hidden 64, kernels 3-1-3) on a batch of 64, and the first g
+of ``resflow(d)`` for d = 2, 16 (hidden 128-128) on a batch of 1024. The variants alternate
+within each repetition; medians are reported, and the three Jacobians are checked to agree.
 
     python benchmarks/exact_jacobian.py [--reps 5] [--threads 1] [--dtype float32]
 """
@@ -30,12 +28,13 @@ from collections.abc import Callable
 
 import torch
 
-import impflow.logdet
-from impflow.logdet import forward_jacobian, jacobian
+from impflow.logdet import CPU_CHUNK_ELEMENTS
 from impflow.models import image_resflow, resflow
 from impflow.transforms.residual import ResidualBlock
 
 from common import machine, publish, table
+
+VARIANTS = ("loop", "batched", "chunked")
 
 
 def cases(dtype: torch.dtype) -> list[tuple[str, torch.nn.Module, tuple[int, ...]]]:
@@ -49,17 +48,21 @@ def cases(dtype: torch.dtype) -> list[tuple[str, torch.nn.Module, tuple[int, ...
     return out
 
 
-def reverse(g: Callable, x: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    gx = g(x)
-    return gx, jacobian(gx, x, create_graph)
+def jacobian(gx: torch.Tensor, x: torch.Tensor, create_graph: bool, variant: str) -> torch.Tensor:
+    """J (batch, n, n) by the vjps of ``variant``."""
+    B, n = x.shape[0], x[0].numel()
+    basis = torch.eye(n, dtype=x.dtype).unsqueeze(1).expand(n, B, n).reshape(n, *gx.shape)
+    grad = lambda b, batched: torch.autograd.grad(  # noqa: E731
+        gx, x, b, retain_graph=True, create_graph=create_graph, is_grads_batched=batched)[0]
+    if variant == "loop":
+        rows = torch.stack([grad(b, False) for b in basis])
+    else:
+        k = n if variant == "batched" else max(1, min(n, CPU_CHUNK_ELEMENTS // x.numel()))
+        rows = torch.cat([grad(b, True) for b in basis.split(k)])
+    return rows.reshape(n, B, n).transpose(0, 1)
 
 
-def forward(g: Callable, x: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.set_grad_enabled(create_graph):
-        return forward_jacobian(g, x)
-
-
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -69,41 +72,27 @@ def measure(g: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype, reps
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     eye = torch.eye(x[0].numel(), dtype=dtype)
 
-    def train(jac: Callable) -> Callable[[], None]:
-        def run() -> None:
-            gx, J = jac(g, x, True)
-            (torch.linalg.slogdet(eye + J)[1].sum() + gx.sum()).backward()
-        return run
+    def train(variant: str) -> None:
+        gx = g(x)
+        J = jacobian(gx, x, True, variant)
+        (torch.linalg.slogdet(eye + J)[1].sum() + gx.sum()).backward()
 
-    def evaluate(jac: Callable) -> Callable[[], None]:
-        def run() -> None:
-            xe = x.detach().requires_grad_(True)
-            with torch.no_grad() if jac is forward else torch.enable_grad():
-                jac(g, xe, False)
-        return run
+    def evaluate(variant: str) -> torch.Tensor:
+        xe = x.detach().requires_grad_(True)
+        return jacobian(g(xe), xe, False, variant)
 
-    chunked = impflow.logdet.CPU_CHUNK_ELEMENTS
-    runs = {f"{phase}_{mode}{suffix}": (make(jac), elements)
-            for phase, make in (("train", train), ("eval", evaluate))
-            for mode, jac in (("reverse", reverse), ("forward", forward))
-            for suffix, elements in (("", chunked), ("_whole", 2**62))}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    try:
-        for _ in range(reps + 1):  # the first repetition warms up
-            for key, (fn, elements) in runs.items():
-                impflow.logdet.CPU_CHUNK_ELEMENTS = elements
-                times[key].append(timed(fn))
-    finally:
-        impflow.logdet.CPU_CHUNK_ELEMENTS = chunked
-    row = {k: statistics.median(v[1:]) for k, v in times.items()}
-    for phase in ("train", "eval"):
-        row[f"{phase}_reverse/forward"] = row[f"{phase}_reverse"] / row[f"{phase}_forward"]
-        for mode in ("reverse", "forward"):
-            row[f"{phase}_{mode}_whole/chunked"] = row[f"{phase}_{mode}_whole"] / row[f"{phase}_{mode}"]
-    Jr = reverse(g, x, False)[1]
-    with torch.no_grad():
-        Jf = forward_jacobian(g, x.detach())[1]
-    row["max_abs_diff"] = float((Jr - Jf).abs().max())
+    times: dict[str, list[float]] = {f"{p}_{v}": [] for p in ("train", "eval") for v in VARIANTS}
+    for _ in range(reps + 1):  # the first repetition warms up
+        for v in VARIANTS:
+            times[f"train_{v}"].append(timed(lambda: train(v)))
+            times[f"eval_{v}"].append(timed(lambda: evaluate(v)))
+    row = {k: statistics.median(t[1:]) for k, t in times.items()}
+    used = "loop" if len(shape) > 2 else "chunked"
+    row["library"] = used
+    for p in ("train", "eval"):
+        row[f"{p}: best other / library"] = min(row[f"{p}_{v}"] for v in VARIANTS if v != used) / row[f"{p}_{used}"]
+    Js = [evaluate(v) for v in VARIANTS]
+    row["max_abs_diff"] = max(float((J - Js[0]).abs().max()) for J in Js[1:])
     return row
 
 
@@ -120,26 +109,19 @@ def main() -> None:
     for name, g, shape in cases(dtype):
         rows.append({"network": name, "batch": shape[0], **measure(g, shape, dtype, args.reps)})
         print(rows[-1], flush=True)
-    cols = ["network", "batch", "train_reverse", "train_forward", "train_reverse/forward",
-            "eval_reverse", "eval_forward", "eval_reverse/forward", "max_abs_diff"]
-    chunk_cols = ["network", "batch"] + [f"{p}_{m}_whole/chunked" for p in ("train", "eval")
-                                         for m in ("reverse", "forward")]
+    cols = ["network", "batch", *(f"{p}_{v}" for p in ("train", "eval") for v in VARIANTS), "library",
+            "train: best other / library", "eval: best other / library", "max_abs_diff"]
     command = "python benchmarks/exact_jacobian.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_save")
     md = "\n".join([
-        "# Exact Jacobians: reverse mode against forward mode",
+        "# Exact Jacobians: one vjp per direction, all batched, or batched in chunks",
         "",
-        f"`{command}` — seconds per call (median of {args.reps}), {args.dtype}, {args.threads} thread(s).",
+        f"`{command}` — seconds per call (median of {args.reps}), {args.dtype}, {args.threads} thread(s), "
+        f"CPU_CHUNK_ELEMENTS = {CPU_CHUNK_ELEMENTS}.",
         "`train_*`: J with a graph, log det(I + J) backpropagated; `eval_*`: J without a graph.",
-        "A ratio above 1 means forward mode is faster.",
+        "`library`: the variant `impflow.logdet.jacobian` uses; a ratio above 1 means it is the fastest.",
         "",
         table(rows, cols),
-        "",
-        f"## Chunked directions (CPU_CHUNK_ELEMENTS = {impflow.logdet.CPU_CHUNK_ELEMENTS}) against all at once",
-        "",
-        "Seconds all at once / seconds in chunks (the table above): above 1 means chunking is faster.",
-        "",
-        table(rows, chunk_cols),
         "",
     ])
     publish("exact_jacobian", {"machine": machine(), "command": command, "settings": vars(args), "rows": rows},

@@ -9,6 +9,7 @@ import impflow.logdet
 
 from impflow import Flow, ImplicitBlock, ResidualBlock
 from impflow.models.image import default_image_logdet, image_impflow, image_resflow
+from impflow.nn.lipschitz import LipschitzMLP
 from impflow.nn.lipschitz_conv import LipschitzConvNet
 from conftest import jacobian_logdet
 
@@ -38,101 +39,29 @@ def test_conv_block_round_trip_and_exact_logdet(kind):
     assert (ladj_inv - jacobian_logdet(block.inverse, x)).abs().max() < 1e-8
 
 
-def count_forward_jacobians(monkeypatch) -> list[int]:
-    """A list that gets a 1 for every forward-mode Jacobian that completes."""
-    done: list[int] = []
-    real = impflow.logdet.forward_jacobian
-
-    def counted(g, x):
-        out = real(g, x)
-        done.append(1)
-        return out
-
-    monkeypatch.setattr(impflow.logdet, "forward_jacobian", counted)
-    return done
-
-
-def reverse_mode_only(monkeypatch):
-    """Make the forward-mode Jacobian unavailable, as for a g with an op that has no jvp rule."""
-    def refuse(g, x):
-        raise NotImplementedError("no forward-mode rule")
-    monkeypatch.setattr(impflow.logdet, "forward_jacobian", refuse)
-
-
-@pytest.mark.parametrize("kind", ["residual", "implicit"])
-def test_exact_training_jacobian_runs_forward_mode_with_reverse_mode_gradients(kind, monkeypatch):
-    """Differentiable exact log-dets of images come from batched jvps; their gradients (x and
-    parameters) equal those of the batched-vjp Jacobian, which remains the fallback."""
-    torch.manual_seed(1)
-    block = conv_block(kind)
-
-    def grads():
-        x = torch.randn(3, 2, 4, 4, dtype=D, generator=torch.Generator().manual_seed(2), requires_grad=True)
-        z, ladj = block(x)
-        (ladj.sum() + (z * z).sum()).backward()
-        out = [x.grad] + [p.grad.clone() for p in block.parameters()]
-        block.zero_grad()
-        return ladj.detach(), out
-
-    calls = count_forward_jacobians(monkeypatch)
-    ladj_fwd, g_fwd = grads()
-    assert calls == [1] * (1 if kind == "residual" else 2)
-    reverse_mode_only(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="reverse mode"):
-        ladj_rev, g_rev = grads()
-    assert (ladj_fwd - ladj_rev).abs().max() < 1e-12
-    for a, b in zip(g_fwd, g_rev):
-        assert (a - b).abs().max() < 1e-10 * (1 + b.abs().max())
-
-
 @pytest.mark.parametrize("elements", [1, 100, 10**9])  # one direction per call, a few, all at once
-def test_jacobians_in_chunks_of_directions(elements, monkeypatch):
-    """Both batched Jacobians give the same J (and gradients) whatever the chunking of directions."""
-    g = LipschitzConvNet(2, 8, (2, 4, 4), coeff=0.97).to(D)
-    x = torch.randn(3, 2, 4, 4, dtype=D, requires_grad=True)
+def test_jacobians_of_vectors_in_chunks_and_of_images(elements, monkeypatch):
+    """J and its gradient equal brute-force autograd's: vectors with the batched vjps in any
+    chunking, images with one vjp per coordinate."""
     monkeypatch.setattr(impflow.logdet, "CPU_CHUNK_ELEMENTS", elements)
-    gx, J = impflow.logdet.forward_jacobian(g, x)
-    J_rev = impflow.logdet.jacobian(g(x), x, create_graph=True)
-    ref = torch.stack([torch.autograd.functional.jacobian(lambda v: g(v[None])[0], xi).reshape(32, 32) for xi in x])
-    assert torch.allclose(gx, g(x)) and (J - ref).abs().max() < 1e-12 and (J_rev - ref).abs().max() < 1e-12
-    (grad_fwd,) = torch.autograd.grad(J.square().sum(), x)
-    (grad_rev,) = torch.autograd.grad(J_rev.square().sum(), x)
-    assert torch.allclose(grad_fwd, grad_rev, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(0)
+    cases = [(LipschitzMLP(6, (16,), coeff=0.97).to(D), torch.randn(5, 6, dtype=D, requires_grad=True)),
+             (LipschitzConvNet(2, 8, (2, 4, 4), coeff=0.97).to(D), torch.randn(3, 2, 4, 4, dtype=D, requires_grad=True))]
+    for g, x in cases:
+        n = x[0].numel()
+        J = impflow.logdet.jacobian(g(x), x, create_graph=True)
+        ref = torch.stack([torch.autograd.functional.jacobian(lambda v: g(v[None])[0], xi, create_graph=True)
+                           .reshape(n, n) for xi in x])
+        assert (J - ref).abs().max() < 1e-12
+        (grad,) = torch.autograd.grad(J.square().sum(), x)
+        (grad_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        assert torch.allclose(grad, grad_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_exact_image_logdet_gradient_matches_finite_differences():
     block = conv_block("residual", shape=(1, 2, 2))
     x = torch.randn(2, 1, 2, 2, dtype=D, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: block(v)[1], (x,))
-
-
-def test_exact_image_training_is_the_same_in_both_modes(monkeypatch):
-    """Three Adam steps of an exact-log-det image ImpFlow (float64): the forward-mode Jacobian
-    (spectral power iterations running inside it) gives the losses and spectral vectors of the
-    batched-vjp one."""
-    def train():
-        torch.manual_seed(0)
-        flow = image_impflow((1, 8, 8), logdet="exact", logit_alpha=0.05, **SMALL).to(D)
-        opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
-        x = images(16)
-        losses = []
-        for _ in range(3):
-            loss = -flow.log_prob(x).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return torch.tensor(losses), [b.clone() for n, b in flow.named_buffers() if n.endswith((".u", ".v"))]
-
-    calls = count_forward_jacobians(monkeypatch)
-    losses_fwd, vec_fwd = train()
-    assert len(calls) == 3 * 2 * 3  # every step (weights changed, power iterations pending) in forward mode
-    reverse_mode_only(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="reverse mode"):
-        losses_rev, vec_rev = train()
-    assert (losses_fwd - losses_rev).abs().max() < 1e-9
-    assert losses_fwd[-1] < losses_fwd[0] - 0.1
-    assert len(vec_fwd) > 0 and all((a - b).abs().max() < 1e-9 for a, b in zip(vec_fwd, vec_rev))
 
 
 def images(n=8, shape=(1, 8, 8), seed=0):

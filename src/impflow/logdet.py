@@ -1,8 +1,7 @@
 """log det(I + J_g(x)) for residual maps x ↦ x + g(x) with Lip(g) < 1, three ways.
 
-* ``"exact"``: the full Jacobian by batched (vmap'ed) vector-Jacobian products, then slogdet;
-  in training on images (event dims > 1) by batched Jacobian-vector products instead
-  (:func:`forward_jacobian`).
+* ``"exact"``: the full Jacobian by vector-Jacobian products (batched on vectors, one per
+  coordinate on images: :func:`jacobian`), then slogdet.
 * ``"unbiased"``: the power series log det(I + J) = Σ_{k≥1} (−1)^{k+1} tr(J^k)/k, each trace by a
   Hutchinson probe vᵀJ^k v (v ~ N(0, I)), truncated at n_exact + N terms with N random
   (geometric or Poisson, "Russian roulette") and term k reweighted by 1/P(n_exact + N ≥ k):
@@ -18,7 +17,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,9 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .nn.lipschitz import refine_spectral
-
-__all__ = ["LogDetConfig", "exact_logdet", "exact_forced", "residual_logdet", "jacobian", "forward_jacobian"]
+__all__ = ["LogDetConfig", "exact_logdet", "exact_forced", "residual_logdet", "jacobian"]
 
 _FORCE_EXACT = 0
 
@@ -129,10 +125,9 @@ class LogDetConfig:
 
 
 CPU_CHUNK_ELEMENTS = 2**16
-"""On CPU the n directions of a batched Jacobian go in chunks of k with k·(batch)·n ≤ this many
-elements: bigger temporaries (a conv net's activations are ~100× its input) are allocated afresh
-and page-faulted on every call. Measured by ``benchmarks/exact_jacobian.py`` (2–3× at the
-first digits scale); on CUDA the caching allocator has no such cost and all n go at once."""
+"""On CPU a batched vector Jacobian takes its n directions in chunks of k with k·batch·n ≤ this
+many elements: bigger temporaries are allocated afresh and page-faulted on every call
+(``benchmarks/exact_jacobian.py``). On CUDA the caching allocator has no such cost."""
 
 
 def _chunk(x: Tensor) -> int:
@@ -142,60 +137,35 @@ def _chunk(x: Tensor) -> int:
 
 
 def jacobian(gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
-    """Per-sample Jacobian J[b] = ∂g(x_b)/∂x_b, shape (batch, n, n), by batched vjps.
+    """Per-sample Jacobian J[b] = ∂g(x_b)/∂x_b, shape (batch, n, n), by vjps.
 
-    ``gx`` must have been computed from ``x`` row by row (no coupling across the batch).
+    Vectors: the n vjps batched (``is_grads_batched``, in chunks on CPU). Images (event dims > 1):
+    one vjp per output coordinate, as for an op without a batching rule — torch 2.13 has none for
+    conv2d's backward, and batching the vjps is then slower, several times so when differentiated
+    (``benchmarks/exact_jacobian.py``). ``gx`` must have been computed from ``x`` row by row (no
+    coupling across the batch).
     """
     B = x.shape[0]
     n = x[0].numel()
     eye = torch.eye(n, dtype=gx.dtype, device=gx.device)
     basis = eye.unsqueeze(1).expand(n, B, n).reshape(n, *gx.shape)
-    try:
-        rows = torch.cat([
-            torch.autograd.grad(gx, x, b, retain_graph=True, create_graph=create_graph, is_grads_batched=True)[0]
-            for b in basis.split(_chunk(x))
-        ])
-    except RuntimeError:  # an op without a batching rule: one vjp per output coordinate
-        rows = torch.stack(
+
+    def one_by_one() -> Tensor:
+        return torch.stack(
             [torch.autograd.grad(gx, x, b, retain_graph=True, create_graph=create_graph)[0] for b in basis]
         )
-    return rows.reshape(n, B, n).transpose(0, 1)
 
-
-def forward_jacobian(g: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    """g(x) and the per-sample Jacobian J[b] = ∂g(x_b)/∂x_b (batch, n, n), column i the jvp J e_i.
-
-    The jvps run in batches (``torch.func.vmap`` over ``torch.func.jvp``) and g(x) is their
-    shared primal. Both stay on the ordinary autograd graph of x and of g's parameters.
-    Differentiating the log-det then runs reverse-over-forward, which batches conv2d; the
-    reverse-over-reverse of :func:`jacobian` does not (torch 2.13 loops over the n directions
-    there): ``benchmarks/exact_jacobian.py`` measures both.
-    """
-    if isinstance(g, torch.nn.Module):
-        refine_spectral(g)  # inside the transform the pending power iterations could not run
-    n = x[0].numel()
-    eye = torch.eye(n, dtype=x.dtype, device=x.device)
-    basis = eye.reshape(n, 1, *x.shape[1:]).expand(n, *x.shape)
-    jvps = torch.func.vmap(lambda v: torch.func.jvp(g, (x,), (v,)), out_dims=(None, 0))
-    gx, cols = None, []
-    for b in basis.split(_chunk(x)):
-        primal, c = jvps(b)
-        gx = primal if gx is None else gx
-        cols.append(c)
-    return gx, torch.cat(cols).reshape(n, x.shape[0], n).permute(1, 2, 0)
-
-
-def _exact_jacobian(g: Callable[[Tensor], Tensor], x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-    """g(x) and J_g(x): forward mode for a differentiable Jacobian on images (event dims > 1), where
-    it is faster; else, or where g has an op without a forward-mode rule, :func:`jacobian`."""
-    if create_graph and x.dim() > 2:
+    if x.dim() > 2:
+        rows = one_by_one()
+    else:
         try:
-            return forward_jacobian(g, x)
-        except RuntimeError as e:  # NotImplementedError included: an op or autograd.Function without a jvp
-            warnings.warn(f"forward-mode Jacobian of {type(g).__name__} failed ({e}); using the slower "
-                          "reverse mode", RuntimeWarning, stacklevel=2)
-    gx = g(x)
-    return gx, jacobian(gx, x, create_graph)
+            rows = torch.cat([
+                torch.autograd.grad(gx, x, b, retain_graph=True, create_graph=create_graph, is_grads_batched=True)[0]
+                for b in basis.split(_chunk(x))
+            ])
+        except RuntimeError:  # an op without a batching rule
+            rows = one_by_one()
+    return rows.reshape(n, B, n).transpose(0, 1)
 
 
 def _vjp(gx: Tensor, x: Tensor, w: Tensor, create_graph: bool) -> Tensor:
@@ -273,12 +243,13 @@ def residual_logdet(
     mode = "exact" if exact_forced() else config.mode
     with torch.enable_grad():
         xg = x if (track and x.requires_grad) else x.detach().requires_grad_(True)
+        gx = g(xg)
+        J = None
         if mode == "exact":
-            gx, J = _exact_jacobian(g, xg, create_graph=track)
+            J = jacobian(gx, xg, create_graph=track)
             n = J.shape[-1]
             ld = torch.linalg.slogdet(torch.eye(n, dtype=J.dtype, device=J.device) + J)[1]
         else:
-            gx, J = g(xg), None
             neumann = mode == "neumann" and track
             ld = _series(gx, xg, config, create_graph=track, neumann=neumann, contraction=contraction, update=update)
     if not track:

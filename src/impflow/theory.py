@@ -35,6 +35,7 @@ __all__ = [
     "best_slope_bounded_fit",
     "jacobian_spectral_norms",
     "jacobian_singular_values",
+    "block_jacobian",
     "estimate_lipschitz",
     "block_lipschitz_bounds",
 ]
@@ -266,6 +267,39 @@ def jacobian_singular_values(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor
 def jacobian_spectral_norms(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """‖J_f(x_b)‖₂ for every row x_b of x (:func:`jacobian_singular_values`' largest). Returns (batch,)."""
     return jacobian_singular_values(f, x)[:, 0]
+
+
+def block_jacobian(block: torch.nn.Module, x: Tensor) -> Tensor:
+    """The exact Jacobian (batch, n, n) of a residual or implicit block at x (batch, *event), from
+    its networks' Jacobians (batched vjps, no implicit backward):
+
+    * ResidualBlock x + g(x): I + J_g(x);
+    * ImplicitBlock z = (Id + g_z)⁻¹ ∘ A ∘ (Id + g_x)(x): (I + J_{g_z}(z))⁻¹ J_A(y) (I + J_{g_x}(x)),
+      y = x + g_x(x) (A = Id without ``mid``), by one linear solve.
+    """
+    from .logdet import jacobian
+    from .transforms import ImplicitBlock, ResidualBlock
+
+    def of(f: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        v = v.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return jacobian(f(v), v, create_graph=False)
+
+    def residual(g: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        J = of(g, v)
+        return J + torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+
+    if isinstance(block, ResidualBlock):
+        return residual(block.g, x)
+    if not isinstance(block, ImplicitBlock):
+        raise TypeError(f"block_jacobian takes a ResidualBlock or an ImplicitBlock, got {type(block).__name__}")
+    with torch.no_grad():
+        y = block.fx.map(x)
+        z = block.map(x)
+    J = residual(block.g_x, x)
+    if block.mid is not None:
+        J = of(lambda v: block.mid(v)[0], y) @ J
+    return torch.linalg.solve(residual(block.g_z, z), J)
 
 
 def estimate_lipschitz(f: Callable[[Tensor], Tensor], x: Tensor) -> float:

@@ -23,7 +23,6 @@ __all__ = [
     "LipschitzMLP",
     "lipschitz_bound",
     "sync_spectral",
-    "refine_spectral",
     "ACTIVATIONS",
 ]
 
@@ -267,15 +266,6 @@ class LipschitzMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (batch, dim) -> g(x) (batch, dim)."""
         return self.net(x)
-
-
-def refine_spectral(module: nn.Module) -> None:
-    """Run now the power iterations pending in ``module``'s spectral layers (weights changed
-    since their last refinement), as their next call would: needed before a function transform
-    (``torch.func``), which may not mutate their ``u``, ``v``."""
-    for m in module.modules():
-        if isinstance(m, SpectralLinear) and not m.current:
-            m.power_iteration()
 
 
 def sync_spectral(module: nn.Module, max_entries: int | None = None) -> float:

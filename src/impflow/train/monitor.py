@@ -131,8 +131,8 @@ class VolumeMonitor:
       log|det ∂y/∂x| (nats);
     * residual and implicit blocks also: ``lip`` = max ‖J_f‖₂ over the inputs and ``lip_inv`` =
       max ‖J_{f⁻¹}‖₂ over the outputs, lower estimates of Lip(f), Lip(f⁻¹), both from the singular
-      values of J_f at the inputs (:func:`impflow.theory.jacobian_singular_values`;
-      J_{f⁻¹}(f(x)) = J_f(x)⁻¹, so no inverse is solved), and the certified bounds ``lip_bound``,
+      values of J_f at the inputs (:func:`impflow.theory.block_jacobian`; J_{f⁻¹}(f(x)) =
+      J_f(x)⁻¹, so no inverse is solved), and the certified bounds ``lip_bound``,
       ``lip_inv_bound`` (:func:`impflow.theory.block_lipschitz_bounds`).
 
     Calling the monitor returns ``{"n_points", "logdet_total_mean", "blocks": {"K Type": {...}},
@@ -180,7 +180,7 @@ class VolumeMonitor:
         return total, ran
 
     def _measure(self) -> dict[str, Any]:
-        from ..theory import block_lipschitz_bounds, jacobian_singular_values
+        from ..theory import block_jacobian, block_lipschitz_bounds
         from ..transforms import ImplicitBlock
 
         total, ran = self._run()
@@ -193,7 +193,7 @@ class VolumeMonitor:
                 "logdet_std": ladj.std().item() if ladj.numel() > 1 else 0.0,
             }
             if self.lipschitz and isinstance(block, (ResidualBlock, ImplicitBlock)):
-                sv = jacobian_singular_values(block.map, x)
+                sv = torch.linalg.svdvals(block_jacobian(block, x))
                 entry["lip"] = sv[:, 0].max().item()
                 entry["lip_inv"] = sv[:, -1].reciprocal().max().item()
                 try:
