@@ -40,8 +40,8 @@ VARIANTS = ("loop", "batched", "chunked")
 def cases(dtype: torch.dtype) -> list[tuple[str, torch.nn.Module, tuple[int, ...]]]:
     torch.manual_seed(0)
     image = [m for m in image_resflow((1, 8, 8)).to(dtype).modules() if isinstance(m, ResidualBlock)]
-    out = [(f"digits scale {i + 1}, event {tuple(image[4 * i].event_shape)}", image[4 * i].g, (64, *image[4 * i].event_shape))
-           for i in range(3)]
+    firsts = image[::4]  # the first block of each scale
+    out = [(f"digits scale {i + 1}, event {b.event_shape}", b.g, (64, *b.event_shape)) for i, b in enumerate(firsts)]
     for d in (2, 16):
         block = next(m for m in resflow(d).to(dtype).modules() if isinstance(m, ResidualBlock))
         out.append((f"MLP, d = {d}", block.g, (1024, d)))

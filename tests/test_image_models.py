@@ -46,7 +46,8 @@ def test_jacobians_of_vectors_in_chunks_and_of_images(elements, monkeypatch):
     monkeypatch.setattr(impflow.logdet, "CPU_CHUNK_ELEMENTS", elements)
     torch.manual_seed(0)
     cases = [(LipschitzMLP(6, (16,), coeff=0.97).to(D), torch.randn(5, 6, dtype=D, requires_grad=True)),
-             (LipschitzConvNet(2, 8, (2, 4, 4), coeff=0.97).to(D), torch.randn(3, 2, 4, 4, dtype=D, requires_grad=True))]
+             (LipschitzConvNet(2, 8, (2, 4, 4), coeff=0.97).to(D),
+              torch.randn(3, 2, 4, 4, dtype=D, requires_grad=True))]
     for g, x in cases:
         n = x[0].numel()
         J = impflow.logdet.jacobian(g(x), x, create_graph=True)

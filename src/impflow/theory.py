@@ -271,7 +271,7 @@ def jacobian_spectral_norms(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def block_jacobian(block: torch.nn.Module, x: Tensor) -> Tensor:
     """The exact Jacobian (batch, n, n) of a residual or implicit block at x (batch, *event), from
-    its networks' Jacobians (batched vjps, no implicit backward):
+    its networks' Jacobians (:func:`impflow.logdet.jacobian`, no implicit backward):
 
     * ResidualBlock x + g(x): I + J_g(x);
     * ImplicitBlock z = (Id + g_z)⁻¹ ∘ A ∘ (Id + g_x)(x): (I + J_{g_z}(z))⁻¹ J_A(y) (I + J_{g_x}(x)),

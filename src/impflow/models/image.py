@@ -37,15 +37,16 @@ __all__ = ["image_resflow", "image_impflow", "default_image_logdet"]
 Shape = tuple[int, int, int]
 BlockFactory = Callable[[Shape], Transform]  # event shape of one scale -> one block
 
+
 def default_image_logdet(shape: Sequence[int]) -> str:
     """The training estimator: "exact" for C·H·W ≤ 16 (as for vectors), else "neumann".
 
     Exact training on 8×8 digits costs about 20 times the Neumann estimator per step
     (``impflow train --model image-resflow --data digits --steps 20 --batch-size 64 --logdet
     exact`` trained for 81 s against 3.9 s with ``--logdet neumann``, one thread, 2026-12-07):
-    the 64 vjps of every block's Jacobian and their backward. Evaluation stays exact up to 64 dimensions
-    (:func:`impflow.train.runs.evaluate`). The Neumann form keeps memory flat in the number of
-    series terms and is the estimator of ``benchmarks/digits.py``.
+    the 64 vjps of every block's Jacobian and their backward. Evaluation stays exact up to 64
+    dimensions (:func:`impflow.train.runs.evaluate`). The Neumann form keeps memory flat in the
+    number of series terms and is the estimator of ``benchmarks/digits.py``.
     """
     return "exact" if math.prod(shape) <= EXACT_MAX_DIM else "neumann"
 
