@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from impflow.logdet import CPU_CHUNK_ELEMENTS
+from impflow.logdet import CPU_CHUNK_ELEMENTS, _chunk
 from impflow.models import image_resflow, resflow
 from impflow.transforms.residual import ResidualBlock
 
@@ -57,7 +57,7 @@ def jacobian(gx: torch.Tensor, x: torch.Tensor, create_graph: bool, variant: str
     if variant == "loop":
         rows = torch.stack([grad(b, False) for b in basis])
     else:
-        k = n if variant == "batched" else max(1, min(n, CPU_CHUNK_ELEMENTS // x.numel()))
+        k = n if variant == "batched" else _chunk(x)  # the library's rule
         rows = torch.cat([grad(b, True) for b in basis.split(k)])
     return rows.reshape(n, B, n).transpose(0, 1)
 

@@ -34,7 +34,6 @@ __all__ = [
     "theorem3_bound",
     "best_slope_bounded_fit",
     "jacobian_spectral_norms",
-    "jacobian_singular_values",
     "block_jacobian",
     "estimate_lipschitz",
     "block_lipschitz_bounds",
@@ -241,32 +240,23 @@ def best_slope_bounded_fit(x, y, max_slope: float, min_slope: float = 0.0) -> di
     return {"sup": sup, "rmse": rmse, "h_sup": h_sup, "h_rmse": h_rmse}
 
 
-def jacobian_singular_values(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """The singular values, descending, of J_f(x_b) for every row x_b of x (batch, *event); f acts
-    row-wise, (batch, *event) -> (batch, *event'), J_f(x_b) the (d', d) matrix of the flattened maps.
+def jacobian_spectral_norms(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """‖J_f(x_b)‖₂ for every row x_b of x (batch, d); f acts row-wise, (batch, d) -> (batch, d').
 
     The Jacobians come from d' vector-Jacobian products of the whole batch (row b of f
     depends on row b of x only), so f may contain root solves with implicit backward passes
-    (ImpFlow blocks, ResFlow inverses). For a bijection the inverse's Jacobian at f(x_b) is
-    J_f(x_b)⁻¹, whose norm is 1/σ_min. Returns (batch, min(d, d')).
+    (ImpFlow blocks, ResFlow inverses). Returns (batch,).
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = f(x)
-        if out.dim() < 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"f must map (batch, *event) to (batch, *event'); got {tuple(out.shape)} "
-                             f"from {tuple(x.shape)}")
-        out = out.flatten(1)
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"f must map (batch, d) to (batch, d'); got {tuple(out.shape)}")
         rows = [
-            torch.autograd.grad(out[:, i].sum(), x, retain_graph=i < out.shape[1] - 1)[0].flatten(1)
+            torch.autograd.grad(out[:, i].sum(), x, retain_graph=i < out.shape[1] - 1)[0]
             for i in range(out.shape[1])
         ]
-    return torch.linalg.svdvals(torch.stack(rows, dim=1).detach())
-
-
-def jacobian_spectral_norms(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """‖J_f(x_b)‖₂ for every row x_b of x (:func:`jacobian_singular_values`' largest). Returns (batch,)."""
-    return jacobian_singular_values(f, x)[:, 0]
+    return torch.linalg.matrix_norm(torch.stack(rows, dim=1).detach(), ord=2)
 
 
 def block_jacobian(block: torch.nn.Module, x: Tensor) -> Tensor:
