@@ -74,6 +74,12 @@ def arg_type(parse):
     return wrapped
 
 
+def command_line(script: str, args: argparse.Namespace, skip: tuple[str, ...] = ("no_save",)) -> str:
+    """The command that reruns ``benchmarks/SCRIPT.py`` with every setting of ``args`` spelled out."""
+    return f"python benchmarks/{script}.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in skip)
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

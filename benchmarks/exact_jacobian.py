@@ -32,7 +32,7 @@ from impflow.logdet import CPU_CHUNK_ELEMENTS, _chunk
 from impflow.models import image_resflow, resflow
 from impflow.transforms.residual import ResidualBlock
 
-from common import machine, publish, table
+from common import command_line, machine, publish, table
 
 VARIANTS = ("loop", "batched", "chunked")
 
@@ -111,8 +111,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     cols = ["network", "batch", *(f"{p}_{v}" for p in ("train", "eval") for v in VARIANTS), "library",
             "train: best other / library", "eval: best other / library", "max_abs_diff"]
-    command = "python benchmarks/exact_jacobian.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_save")
+    command = command_line("exact_jacobian", args)
     md = "\n".join([
         "# Exact Jacobians: one vjp per direction, all batched, or batched in chunks",
         "",

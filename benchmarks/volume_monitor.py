@@ -20,7 +20,7 @@ from impflow.data.images import dequantize, load_digits
 from impflow.models import image_impflow, image_resflow
 from impflow.train.monitor import VolumeMonitor
 
-from common import machine, publish, table
+from common import command_line, machine, publish, table
 
 
 def main() -> None:
@@ -51,8 +51,7 @@ def main() -> None:
             rows.append({"model": name, "lipschitz": lipschitz, "layers": len(result["blocks"]),
                          "seconds": statistics.median(times[1:])})
             print(rows[-1], flush=True)
-    command = "python benchmarks/volume_monitor.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_save")
+    command = command_line("volume_monitor", args)
     md = "\n".join([
         "# One volume-monitor evaluation on digits images",
         "",
