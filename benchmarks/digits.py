@@ -30,7 +30,7 @@ flow (the Gaussian fit of the same preprocessed data).
 * evaluation: test (and train) bits/dim with **exact** log-dets (``exact_logdet``) for
   ResFlow/ImpFlow, solver tol 1e-6 (the float32 default), mean ± standard error over images,
   then mean ± std over seeds; and where each model changes volume: the test images' log|det J|
-  split by layer kind (ActNorm, ImpFlow or ResFlow blocks, couplings, …; ``recording_volume``).
+  split by layer kind (ActNorm, ImpFlow or ResFlow blocks, couplings, …; ``per_image``).
 * baselines on the same preprocessed data: ``theory.gaussian_nll(train y, test y)`` (the best
   affine flow, fitted in closed form: an affine flow of N(0, I) is exactly a Gaussian) and, as
   a reference only, ``theory.linear_oracle_nll`` (a per-image oracle, not a model).
@@ -54,8 +54,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,7 +71,7 @@ from impflow.logdet import LogDetConfig, exact_logdet  # noqa: E402
 from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
 from impflow.nn import ACTIVATIONS  # noqa: E402
 from impflow.solvers import SolverConfig  # noqa: E402
-from impflow.transforms import layers  # noqa: E402
+from impflow.transforms import layers, recording  # noqa: E402
 
 MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
 SHAPE = (1, 8, 8)
@@ -174,37 +173,21 @@ def evaluate(model: torch.nn.Module, name: str, y: torch.Tensor, ladj: torch.Ten
     return {"bpd": float(bpd.mean()), "bpd_se": float(bpd.std() / math.sqrt(len(bpd))), "finite": bool(torch.isfinite(bpd).all())}
 
 
-WHOLE = "whole model"
-
-
-@contextmanager
-def recording_volume(model: torch.nn.Module) -> Iterator[dict[str, float]]:
-    """Where the model changes volume, recorded during the passes made inside the context: the
-    yielded dict sums log|det J| over every image the model scores, per kind of layer (class
-    name: ActNorm, ImplicitBlock, …), and under ``WHOLE`` the model's own log-det
-    (:func:`per_image` checks the parts against it)."""
-    sums: dict[str, float] = {}
-
-    def add(key: str, out) -> None:
-        sums[key] = sums.get(key, 0.0) + float(out[1].double().sum())
-
-    hooks = [layer.register_forward_hook(lambda mod, inputs, out: add(type(mod).__name__, out))
-             for layer in layers(model)]
-    hooks.append(model.transform.register_forward_hook(lambda mod, inputs, out: add(WHOLE, out)))
-    try:
-        yield sums
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def per_image(sums: dict[str, float], n: int, name: str) -> dict[str, float]:
-    """:func:`recording_volume`'s sums over ``n`` images as nats per image by layer kind, after
-    checking that the kinds add up to the model's log-det (no layer missed or counted twice)."""
-    parts = {kind: v for kind, v in sums.items() if kind != WHOLE}
-    total, whole = sum(parts.values()), sums[WHOLE]
-    if not math.isclose(total, whole, rel_tol=1e-5, abs_tol=1e-3 * n):
-        raise RuntimeError(f"{name}: the layers' log-dets add up to {total / n}, the model's is {whole / n}")
+def per_image(calls, whole: torch.nn.Module, n: int, name: str) -> dict[str, float]:
+    """Where the model changes volume: the log-dets :func:`impflow.transforms.recording` saw
+    over ``n`` images as nats per image by kind of layer (class name: ActNorm, ImplicitBlock, …),
+    after checking that the kinds add up to the log-det of ``whole``, the model's transform (no
+    layer missed or counted twice)."""
+    parts: dict[str, float] = {}
+    total = 0.0
+    for module, _, (_, ladj) in calls:
+        v = float(ladj.double().sum())
+        if module is whole:
+            total += v
+        else:
+            parts[type(module).__name__] = parts.get(type(module).__name__, 0.0) + v
+    if not math.isclose(sum(parts.values()), total, rel_tol=1e-5, abs_tol=1e-3 * n):
+        raise RuntimeError(f"{name}: the layers' log-dets add up to {sum(parts.values()) / n}, the model's is {total / n}")
     return {kind: v / n for kind, v in parts.items()}
 
 
@@ -290,10 +273,10 @@ def run_one(args, name: str, seed: int, data, pre, test, hidden: int | None) -> 
         curve, nonfinite = train(args, name, model, opt, gen, data, pre, test)
         train_time = time.perf_counter() - t0
         t1 = time.perf_counter()
-        with recording_volume(model) as sums:
+        with recording([*layers(model), model.transform]) as calls:
             te = evaluate(model, name, *test)
         eval_time = time.perf_counter() - t1
-        log_det = per_image(sums, len(test[0]), name)
+        log_det = per_image(calls, model.transform, len(test[0]), name)
         # train bits/dim on a fixed subset as large as the test set (exact log-dets are slow)
         x_tr = dequantize(data.train_images[: len(data.test_images)], data.levels, torch.Generator().manual_seed(77))
         tr = evaluate(model, name, *pre(x_tr))

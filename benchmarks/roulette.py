@@ -44,6 +44,7 @@ from common import arg_type, machine, publish  # noqa: E402
 
 from impflow.logdet import exact_logdet  # noqa: E402
 from impflow.train.runs import refresh_spectral  # noqa: E402
+from impflow.transforms import recording  # noqa: E402
 from impflow.transforms.implicit import ImplicitBlock  # noqa: E402
 from impflow.transforms.residual import ResidualBlock  # noqa: E402
 
@@ -182,14 +183,10 @@ def residual_maps(model: torch.nn.Module) -> list[tuple[str, ResidualBlock, torc
 
 def contractions(model, name: str, maps, y: torch.Tensor) -> list[dict]:
     """Spectral norm and radius of each map's exact Jacobian at the images ``y``."""
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooked = {id(m): m for _, _, m, _ in maps}.values()
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.__setitem__(id(mod), (inp[0].detach(), out[0].detach())))
-             for m in hooked]
-    with torch.no_grad(), exact_logdet():
+    with recording(hooked) as calls, torch.no_grad(), exact_logdet():
         model.log_prob(digits.to_input(name, y))
-    for h in hooks:
-        h.remove()
+    seen = {id(module): (x, out[0]) for module, x, out in calls}
     out = []
     for label, block, module, side in maps:
         x = seen[id(module)][side]

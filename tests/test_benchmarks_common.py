@@ -109,7 +109,7 @@ def test_roulette_replay_resumes_bit_for_bit(results, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["impflow", "resflow", "glow", "nsf"])
 def test_digits_volume_splits_the_log_det_by_layer_kind(name):
-    """benchmarks/digits.py ``recording_volume`` + ``per_image``: per-kind log-dets that add up
+    """benchmarks/digits.py ``per_image`` over ``impflow.transforms.recording``: per-kind log-dets that add up
     to log p(y) − log p_Z(z), computed here without hooks, and the kinds each model is made of."""
     import torch
     import digits
@@ -123,10 +123,10 @@ def test_digits_volume_splits_the_log_det_by_layer_kind(name):
         model.log_prob(x)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    with digits.recording_volume(model) as sums, torch.no_grad(), digits.exact_logdet():
+    with digits.recording([*digits.layers(model), model.transform]) as calls, torch.no_grad(), digits.exact_logdet():
         for i in range(0, len(y), 3):
             model.log_prob(digits.to_input(name, y[i : i + 3]))
-    parts = digits.per_image(sums, len(y), name)
+    parts = digits.per_image(calls, model.transform, len(y), name)
     with torch.no_grad(), digits.exact_logdet():
         z, _ = model.transform(x)
         whole = (model.log_prob(x) - model.base.log_prob(z)).mean()

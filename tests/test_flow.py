@@ -61,6 +61,29 @@ def test_compose_and_inverse():
         Compose(a, torch.nn.Linear(3, 3))
 
 
+def test_layers_and_recording():
+    """``layers`` opens nested containers; ``recording`` sees each call once, in order, with the
+    layer's input and (z, ladj), and leaves no hook behind, also when the pass fails."""
+    torch.manual_seed(0)
+    flow = impflow.models.impflow(3, blocks=2, hidden=(8,)).double().eval()
+    nested = Compose(flow.transform, Compose(ActNorm(3).double()))
+    found = list(impflow.transforms.layers(nested))
+    assert [type(t).__name__ for t in found] == ["ActNorm", "ImplicitBlock", "ActNorm", "ImplicitBlock", "ActNorm",
+                                                  "ActNorm"]
+    x = torch.randn(5, 3, dtype=D)
+    with impflow.transforms.recording(found) as calls:
+        z, ladj = nested(x)
+    assert [c[0] for c in calls] == found
+    assert calls[0][1] is x and calls[-1][2][0] is z
+    assert all(torch.equal(calls[k + 1][1], calls[k][2][0]) for k in range(len(calls) - 1))
+    assert torch.allclose(sum(out[1] for _, _, out in calls), ladj)
+    assert not any(t._forward_hooks for t in found)
+    with pytest.raises(ValueError, match="boom"), impflow.transforms.recording(found) as calls:
+        nested(x)
+        raise ValueError("boom")
+    assert len(calls) == len(found) and not any(t._forward_hooks for t in found)
+
+
 def test_standard_normal_follows_dtype_and_flow_needs_shape():
     base = StandardNormal((2,)).double()
     assert base.sample(3).dtype == D

@@ -166,18 +166,11 @@ class VolumeMonitor:
         """One exact pass of the flow: its log-det and, per layer in the order they ran,
         (layer, input, log-det)."""
         from ..logdet import exact_logdet
-        from ..transforms import layers
+        from ..transforms import layers, recording
 
-        ran: list[tuple[nn.Module, Tensor, Tensor]] = []
-        hooks = [layer.register_forward_hook(lambda mod, inputs, out: ran.append((mod, inputs[0], out[1])))
-                 for layer in layers(self.flow.transform)]
-        try:
-            with torch.no_grad(), exact_logdet():
-                _, total = self.flow.transform(self.points)
-        finally:
-            for h in hooks:
-                h.remove()
-        return total, ran
+        with recording(layers(self.flow.transform)) as calls, torch.no_grad(), exact_logdet():
+            _, total = self.flow.transform(self.points)
+        return total, [(layer, x, out[1]) for layer, x, out in calls]
 
     def _measure(self) -> dict[str, Any]:
         from ..theory import block_jacobian, block_lipschitz_bounds

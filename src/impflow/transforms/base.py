@@ -10,12 +10,13 @@ Every transform maps the *normalizing* direction, ``z = f(x)``::
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Transform", "Compose", "Inverse", "check_input", "layers"]
+__all__ = ["Transform", "Compose", "Inverse", "check_input", "layers", "recording"]
 
 
 def check_input(x: Tensor, event_shape: Sequence[int] | None = None, name: str = "x") -> None:
@@ -81,6 +82,24 @@ def layers(module: nn.Module) -> Iterator[Transform]:
         return
     for child in module.children():
         yield from layers(child)
+
+
+Call = tuple[nn.Module, Tensor, tuple[Tensor, Tensor]]
+
+
+@contextmanager
+def recording(modules: Iterable[nn.Module]) -> Iterator[list[Call]]:
+    """Inside the context every forward call of one of ``modules`` appends (module, its first
+    input, its output: (z, ladj) for a transform) to the yielded list, in the order the calls
+    ran; the hooks are removed on exit, also after an error."""
+    calls: list[Call] = []
+    hooks = [m.register_forward_hook(lambda mod, inputs, out: calls.append((mod, inputs[0], out)))
+             for m in modules]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 class Compose(Transform):
