@@ -111,6 +111,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variance-margin", type=arg_type(parse_margin), default=LogDetConfig.variance_margin,
                    help="the Russian roulette's variance rule (LogDetConfig.variance_margin, default %(default)s); "
                    "none: a fixed geometric p = 0.5, as in the runs before the rule")
+    p.add_argument("--n-exact-terms", type=int, default=LogDetConfig.n_exact_terms,
+                   help="series terms the Neumann estimator always computes before the roulette "
+                        "(LogDetConfig.n_exact_terms, default %(default)s); more terms, less variance")
     p.add_argument("--flow-steps", type=int, default=4, help="Glow/DLF steps per level, NSF steps")
     p.add_argument("--eval-every", type=int, default=0, help="also record test bits/dim every k steps")
     p.add_argument("--threads", type=int, default=1)
@@ -134,7 +137,7 @@ def build(name: str, args: argparse.Namespace, hidden: int | None = None) -> tor
     n = args.impflow_blocks
     if name in ("impflow", "resflow"):
         solver = SolverConfig(method=args.solver, tol=args.train_tol)
-        logdet = LogDetConfig("neumann", variance_margin=args.variance_margin)
+        logdet = LogDetConfig("neumann", n_exact_terms=args.n_exact_terms, variance_margin=args.variance_margin)
         common = dict(hidden=args.hidden, coeff=args.coeff, logdet=logdet, solver=solver, actnorm=args.actnorm,
                       activation=args.activation)
         if name == "impflow":
@@ -362,7 +365,9 @@ def parse_margin(text: str) -> float | None:
 def roulette_text(settings: dict) -> str:
     """The training estimator's roulette (files from before the variance rule: fixed p)."""
     margin = settings.get("variance_margin")
-    return "geometric roulette, p = 0.5" + (f", variance rule margin {margin}" if margin is not None else " fixed, no variance rule")
+    terms = settings.get("n_exact_terms", LogDetConfig.n_exact_terms)
+    return (f"{terms} exact terms, geometric roulette, p = 0.5"
+            + (f", variance rule margin {margin}" if margin is not None else " fixed, no variance rule"))
 
 
 def actnorm_text(settings: dict) -> str:
@@ -532,9 +537,10 @@ def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range (or per-model) result files: their runs pooled; the training
     settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
     keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps",
-            "split_seed", "actnorm", "activation", "inner_actnorm", "resflow_actnorm_every", "variance_margin")
+            "split_seed", "actnorm", "activation", "inner_actnorm", "resflow_actnorm_every", "variance_margin",
+            "n_exact_terms")
     older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False, "resflow_actnorm_every": 1,
-             "variance_margin": None}  # files written before these options existed
+             "variance_margin": None, "n_exact_terms": LogDetConfig.n_exact_terms}  # files written before these options existed
     parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults=older)
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})

@@ -135,3 +135,18 @@ def test_digits_volume_splits_the_log_det_by_layer_kind(name):
                 "glow": {"ActNorm", "InvertibleConv1x1", "Coupling", "Squeeze", "Split"}, "nsf": {"Coupling", "LULinear"}}
     assert set(parts) == expected[name]
     assert all(abs(v) > 0 for k, v in parts.items() if k != "Squeeze")
+
+
+@pytest.mark.parametrize("name", ["impflow", "resflow"])
+def test_digits_estimator_flags_reach_every_block(name):
+    """benchmarks/digits.py: --n-exact-terms and --variance-margin set the training estimator of
+    every residual map (ImpFlow's g_x and g_z included); the settings line names both."""
+    import digits
+    from impflow import ResidualBlock
+
+    args = digits.parse(["--hidden", "4", "--n-exact-terms", "5", "--variance-margin", "none"])
+    blocks = [m for m in digits.build(name, args).modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 12 and {(b.logdet.mode, b.logdet.n_exact_terms, b.logdet.variance_margin)
+                                  for b in blocks} == {("neumann", 5, None)}
+    assert digits.roulette_text(vars(args)) == "5 exact terms, geometric roulette, p = 0.5 fixed, no variance rule"
+    assert digits.roulette_text({"variance_margin": 0.8}).startswith("2 exact terms")  # older files: the default
