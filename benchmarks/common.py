@@ -108,6 +108,16 @@ def publish(name: str, payload: dict, md: str, save: bool = True) -> None:
         print(f"wrote {path} and {md_path}")
 
 
+def publish_rows(script: str, args: argparse.Namespace, title: str, note: str, rows: list[dict], cols: list[str]) -> None:
+    """:func:`publish` the report of a benchmark that measures one row per case: ``# title``, the
+    rerun command followed by ``note`` (what the numbers are), the table of ``cols``; the JSON
+    holds the machine, the command, the settings and the rows. ``args.no_save``: print only."""
+    command = command_line(script, args)
+    md = "\n".join([f"# {title}", "", f"`{command}` — {note}", "", table(rows, cols), ""])
+    publish(script, {"machine": machine(), "command": command, "settings": vars(args), "rows": rows}, md,
+            save=not args.no_save)
+
+
 def load_parts(
     stems: list[str], keys: tuple[str, ...], run_id: tuple[str, ...], defaults: dict | None = None
 ) -> tuple[list[dict], list[dict]]:

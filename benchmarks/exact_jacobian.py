@@ -32,7 +32,7 @@ from impflow.logdet import CPU_CHUNK_ELEMENTS, _chunk
 from impflow.models import image_resflow, resflow
 from impflow.transforms.residual import ResidualBlock
 
-from common import command_line, machine, publish, table
+from common import publish_rows
 
 VARIANTS = ("loop", "batched", "chunked")
 
@@ -111,20 +111,13 @@ def main() -> None:
         print(rows[-1], flush=True)
     cols = ["network", "batch", *(f"{p}_{v}" for p in ("train", "eval") for v in VARIANTS), "library",
             "train: best other / library", "eval: best other / library", "max_abs_diff"]
-    command = command_line("exact_jacobian", args)
-    md = "\n".join([
-        "# Exact Jacobians: one vjp per direction, all batched, or batched in chunks",
-        "",
-        f"`{command}` — seconds per call (median of {args.reps}), {args.dtype}, {args.threads} thread(s), "
-        f"CPU_CHUNK_ELEMENTS = {CPU_CHUNK_ELEMENTS}.",
-        "`train_*`: J with a graph, log det(I + J) backpropagated; `eval_*`: J without a graph.",
+    publish_rows(
+        "exact_jacobian", args, "Exact Jacobians: one vjp per direction, all batched, or batched in chunks",
+        f"seconds per call (median of {args.reps}), {args.dtype}, {args.threads} thread(s), "
+        f"CPU_CHUNK_ELEMENTS = {CPU_CHUNK_ELEMENTS}.\n"
+        "`train_*`: J with a graph, log det(I + J) backpropagated; `eval_*`: J without a graph.\n"
         "`library`: the variant `impflow.logdet.jacobian` uses; a ratio above 1 means it is the fastest.",
-        "",
-        table(rows, cols),
-        "",
-    ])
-    publish("exact_jacobian", {"machine": machine(), "command": command, "settings": vars(args), "rows": rows},
-            md, save=not args.no_save)
+        rows, cols)
 
 
 if __name__ == "__main__":

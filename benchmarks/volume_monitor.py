@@ -20,7 +20,7 @@ from impflow.data.images import dequantize, load_digits
 from impflow.models import image_impflow, image_resflow
 from impflow.train.monitor import VolumeMonitor
 
-from common import command_line, machine, publish, table
+from common import publish_rows
 
 
 def main() -> None:
@@ -51,18 +51,11 @@ def main() -> None:
             rows.append({"model": name, "lipschitz": lipschitz, "layers": len(result["blocks"]),
                          "seconds": statistics.median(times[1:])})
             print(rows[-1], flush=True)
-    command = command_line("volume_monitor", args)
-    md = "\n".join([
-        "# One volume-monitor evaluation on digits images",
-        "",
-        f"`{command}` — seconds per call (median of {args.reps}), {args.points} points, "
-        f"{args.threads} thread(s). `lipschitz`: with the per-block Lipschitz estimates and bounds.",
-        "",
-        table(rows, ["model", "lipschitz", "layers", "seconds"]),
-        "",
-    ])
-    publish("volume_monitor", {"machine": machine(), "command": command, "settings": vars(args), "rows": rows},
-            md, save=not args.no_save)
+    publish_rows(
+        "volume_monitor", args, "One volume-monitor evaluation on digits images",
+        f"seconds per call (median of {args.reps}), {args.points} points, {args.threads} thread(s). "
+        "`lipschitz`: with the per-block Lipschitz estimates and bounds.",
+        rows, ["model", "lipschitz", "layers", "seconds"])
 
 
 if __name__ == "__main__":
