@@ -79,7 +79,8 @@ def test_inverse_norms_from_the_forward_singular_values():
 
 def test_block_jacobian_matches_autograd_through_the_block():
     """Residual, implicit and implicit-with-ActNorm blocks, on vectors and images (float64): the
-    Jacobian assembled from the networks' equals autograd through the block's map."""
+    Jacobian assembled from the networks' equals autograd through the block's map, with the
+    block's output solved for or given."""
     from impflow import ActNorm
     from impflow.nn.lipschitz_conv import LipschitzConvNet
 
@@ -97,5 +98,8 @@ def test_block_jacobian_matches_autograd_through_the_block():
         ref = torch.stack([torch.autograd.functional.jacobian(lambda v: block.map(v[None])[0], xi).reshape(
             xi.numel(), xi.numel()) for xi in x])
         assert (block_jacobian(block, x) - ref).abs().max() < 1e-8, type(block).__name__
+        with torch.no_grad():  # the output, where the caller has it, replaces the solve
+            z = block.map(x)
+        assert (block_jacobian(block, x, z) - ref).abs().max() < 1e-8, type(block).__name__
     with pytest.raises(TypeError, match="ResidualBlock or an ImplicitBlock"):
         block_jacobian(anorm, torch.randn(2, 3, dtype=torch.float64))

@@ -259,13 +259,14 @@ def jacobian_spectral_norms(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(torch.stack(rows, dim=1).detach(), ord=2)
 
 
-def block_jacobian(block: torch.nn.Module, x: Tensor) -> Tensor:
+def block_jacobian(block: torch.nn.Module, x: Tensor, z: Tensor | None = None) -> Tensor:
     """The exact Jacobian (batch, n, n) of a residual or implicit block at x (batch, *event), from
     its networks' Jacobians (:func:`impflow.logdet.jacobian`, no implicit backward):
 
     * ResidualBlock x + g(x): I + J_g(x);
     * ImplicitBlock z = (Id + g_z)⁻¹ ∘ A ∘ (Id + g_x)(x): (I + J_{g_z}(z))⁻¹ J_A(y) (I + J_{g_x}(x)),
-      y = x + g_x(x) (A = Id without ``mid``), by one linear solve.
+      y = x + g_x(x) (A = Id without ``mid``), by one linear solve. ``z``: the block's output at
+      x where the caller has it (it saves the root solve); otherwise it is solved for.
     """
     from .logdet import jacobian
     from .transforms import ImplicitBlock, ResidualBlock
@@ -285,7 +286,8 @@ def block_jacobian(block: torch.nn.Module, x: Tensor) -> Tensor:
         raise TypeError(f"block_jacobian takes a ResidualBlock or an ImplicitBlock, got {type(block).__name__}")
     with torch.no_grad():
         y = block.fx.map(x)
-        z = block.map(x)
+        if z is None:
+            z = block.fz.inverse(y if block.mid is None else block.mid(y)[0])
     J = residual(block.g_x, x)
     if block.mid is not None:
         J = of(lambda v: block.mid(v)[0], y) @ J

@@ -162,23 +162,16 @@ class VolumeMonitor:
             self.flow.train(was_training)
         return result | {"convergence_warnings": counter.count}
 
-    def _run(self) -> tuple[Tensor, list[tuple[nn.Module, Tensor, Tensor]]]:
-        """One exact pass of the flow: its log-det and, per layer in the order they ran,
-        (layer, input, log-det)."""
+    def _measure(self) -> dict[str, Any]:
         from ..logdet import exact_logdet
-        from ..transforms import layers, recording
+        from ..theory import block_jacobian, block_lipschitz_bounds
+        from ..transforms import ImplicitBlock, layers, recording
 
+        # one exact pass of the flow: every layer's input and (output, log-det) as they ran
         with recording(layers(self.flow.transform)) as calls, torch.no_grad(), exact_logdet():
             _, total = self.flow.transform(self.points)
-        return total, [(layer, x, out[1]) for layer, x, out in calls]
-
-    def _measure(self) -> dict[str, Any]:
-        from ..theory import block_jacobian, block_lipschitz_bounds
-        from ..transforms import ImplicitBlock
-
-        total, ran = self._run()
         blocks: dict[str, dict[str, float]] = {}
-        for k, (block, x, ladj) in enumerate(ran):
+        for k, (block, x, (y, ladj)) in enumerate(calls):
             ladj = ladj.detach().double()
             entry: dict[str, Any] = {
                 "type": type(block).__name__,
@@ -186,7 +179,7 @@ class VolumeMonitor:
                 "logdet_std": ladj.std().item() if ladj.numel() > 1 else 0.0,
             }
             if self.lipschitz and isinstance(block, (ResidualBlock, ImplicitBlock)):
-                sv = torch.linalg.svdvals(block_jacobian(block, x))
+                sv = torch.linalg.svdvals(block_jacobian(block, x, y))
                 entry["lip"] = sv[:, 0].max().item()
                 entry["lip_inv"] = sv[:, -1].reciprocal().max().item()
                 try:
