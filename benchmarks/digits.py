@@ -111,7 +111,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variance-margin", type=arg_type(parse_margin), default=LogDetConfig.variance_margin,
                    help="the Russian roulette's variance rule (LogDetConfig.variance_margin, default %(default)s); "
                    "none: a fixed geometric p = 0.5, as in the runs before the rule")
-    p.add_argument("--n-exact-terms", type=int, default=LogDetConfig.n_exact_terms,
+    p.add_argument("--n-exact-terms", type=arg_type(parse_terms), default=LogDetConfig.n_exact_terms,
                    help="series terms the Neumann estimator always computes before the roulette "
                         "(LogDetConfig.n_exact_terms, default %(default)s); more terms, less variance")
     p.add_argument("--flow-steps", type=int, default=4, help="Glow/DLF steps per level, NSF steps")
@@ -360,6 +360,16 @@ def parse_margin(text: str) -> float | None:
     except ValueError:
         raise ConfigError(f"expected a number in (0, 1] or none, got {text!r}") from None
     return margin
+
+
+def parse_terms(text: str) -> int:
+    """``--n-exact-terms``: an integer of at least 1."""
+    try:
+        terms = int(text)
+        LogDetConfig("neumann", n_exact_terms=terms)  # validates the range
+    except ValueError:
+        raise ConfigError(f"expected an integer of at least 1, got {text!r}") from None
+    return terms
 
 
 def roulette_text(settings: dict) -> str:

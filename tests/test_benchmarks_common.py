@@ -150,3 +150,6 @@ def test_digits_estimator_flags_reach_every_block(name):
                                   for b in blocks} == {("neumann", 5, None)}
     assert digits.roulette_text(vars(args)) == "5 exact terms, geometric roulette, p = 0.5 fixed, no variance rule"
     assert digits.roulette_text({"variance_margin": 0.8}).startswith("2 exact terms")  # older files: the default
+    for bad in ("0", "2.5", "x"):
+        with pytest.raises(SystemExit):  # a usage error, not a traceback from the builder
+            digits.parse(["--n-exact-terms", bad])
