@@ -55,6 +55,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -350,26 +351,26 @@ def time_ratios(runs: list[dict]) -> dict[int, float]:
     }
 
 
-def parse_margin(text: str) -> float | None:
-    """``--variance-margin``: a number in (0, 1], or none."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        margin = float(text)
-        LogDetConfig("neumann", variance_margin=margin)  # validates the range
-    except ValueError:
-        raise ConfigError(f"expected a number in (0, 1] or none, got {text!r}") from None
-    return margin
+def logdet_option(field: str, convert: Callable[[str], Any], expected: str, none: bool = False) -> Callable:
+    """A parser of ``LogDetConfig.<field>`` from the command line: ``convert`` the text, then let
+    LogDetConfig check the value; ``none``: the word none gives None."""
+
+    def parse(text: str):
+        if none and text.strip().lower() == "none":
+            return None
+        try:
+            value = convert(text)
+            LogDetConfig("neumann", **{field: value})  # validates the range
+        except ValueError:
+            raise ConfigError(f"expected {expected}, got {text!r}") from None
+        return value
+
+    parse.__name__ = f"parse_{field}"
+    return parse
 
 
-def parse_terms(text: str) -> int:
-    """``--n-exact-terms``: an integer of at least 1."""
-    try:
-        terms = int(text)
-        LogDetConfig("neumann", n_exact_terms=terms)  # validates the range
-    except ValueError:
-        raise ConfigError(f"expected an integer of at least 1, got {text!r}") from None
-    return terms
+parse_margin = logdet_option("variance_margin", float, "a number in (0, 1] or none", none=True)
+parse_terms = logdet_option("n_exact_terms", int, "an integer of at least 1")
 
 
 def roulette_text(settings: dict) -> str:
