@@ -176,10 +176,7 @@ def _worker(rank: int, world: int, rendezvous: str, argv: list[str]) -> None:
     )
     from .cli import main
 
-    code = main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown of the process-group threads
+    sys.exit(main(argv))  # multiprocessing turns SystemExit into the process's exit code
 
 
 def spawn(n: int, argv: Sequence[str]) -> int:
