@@ -68,6 +68,7 @@ def test_exact_logdet_matches_autograd_jacobian(kind, dim):
 @pytest.mark.parametrize("kind", ["residual", "implicit"])
 @pytest.mark.parametrize("dim", [5, 64])
 @pytest.mark.parametrize("roulette", ["geometric", "poisson"])
+@pytest.mark.filterwarnings("ignore:the Poisson roulette")  # unbiased all the same
 def test_unbiased_estimator_mean_within_4_standard_errors(kind, dim, roulette):
     block = make_block(kind, dim, seed=7, hidden=(32,), logdet=LogDetConfig("unbiased", roulette=roulette))
     n, reps, draws = 4, 8, 400

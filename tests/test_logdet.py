@@ -7,6 +7,7 @@ orthogonal), whose every series ratio is exactly ρ and whose log det(I + A) is 
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,17 @@ def test_continuation_rule():
     assert c.continuation(0.99) == 0.95  # capped
     assert LogDetConfig("unbiased", variance_margin=None).continuation(0.9) == 0.5
     assert c.survival(5, q=0.8) == pytest.approx(0.8**3) and c.survival(2, q=0.8) == 1.0
+
+
+def test_poisson_survival_is_exact_in_the_tail_and_the_roulette_warns():
+    with pytest.warns(RuntimeWarning, match="infinite variance"):
+        c = LogDetConfig("unbiased", roulette="poisson", lam=2.0, n_exact_terms=1)
+    for m in range(40):  # P(N ≥ m) down to 1e-36, where 1 − CDF has long rounded to 0
+        tail = math.fsum(math.exp(-2.0 + j * math.log(2.0) - math.lgamma(j + 1)) for j in range(m, m + 200))
+        assert c.survival(1 + m) == pytest.approx(tail, rel=1e-12), m
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LogDetConfig("exact", roulette="poisson")  # no series, nothing to warn about
 
 
 @pytest.mark.parametrize("bad", [dict(variance_margin=0.0), dict(variance_margin=1.5), dict(max_continue=1.0),

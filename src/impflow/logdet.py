@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,7 +57,11 @@ class LogDetConfig:
         roulette: distribution of the extra terms N: ``"geometric"`` (P(N ≥ m) = q^m with
             continuation probability q, at least 1 − p) or ``"poisson"`` (mean ``lam``).
         p: geometric parameter; q = 1 − p unless the variance rule raises it.
-        lam: Poisson mean.
+        lam: Poisson mean. The Poisson roulette has *infinite* variance for every J with
+            nonzero spectral radius ρ: P(N ≥ m) ≈ e^{−λ} λ^m / m! falls faster than any ρ^{2m},
+            so the second moment Σ_k ρ^{2k} / P(n_exact + N ≥ k) diverges whatever λ is (a
+            warning says so when a stochastic mode uses it); it is offered for comparison
+            with ResFlow's experiments, the geometric roulette with the variance rule for use.
         variance_margin: the variance rule of the geometric roulette. Term k of the series is
             of size ≈ ρ^k (ρ how much J contracts per application, at the data) and is reweighted
             by 1/q^(k − n_exact), so the estimator's second moment grows like Σ_k (ρ²/q)^k: it is
@@ -93,6 +98,14 @@ class LogDetConfig:
             raise ValueError(f"need 1 - p <= max_continue < 1, got max_continue={self.max_continue}, p={self.p}")
         if not 0 <= self.contraction_memory <= 1:
             raise ValueError(f"contraction_memory must be in [0, 1], got {self.contraction_memory}")
+        if self.roulette == "poisson" and self.mode != "exact":
+            warnings.warn(
+                "the Poisson roulette's log-det estimate has infinite variance for any Jacobian with "
+                "nonzero spectral radius (P(N >= m) falls factorially); use roulette='geometric', "
+                "whose variance rule keeps it finite",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def continuation(self, contraction: float = 0.0) -> float:
         """The geometric roulette's q = P(N ≥ m + 1 | N ≥ m) for a block whose J contracts by
@@ -120,8 +133,10 @@ class LogDetConfig:
             return 1.0
         if self.roulette == "geometric":
             return (1 - self.p if q is None else q) ** m
-        cdf = sum(math.exp(-self.lam) * self.lam**j / math.factorial(j) for j in range(m))
-        return max(1.0 - cdf, 1e-300)
+        # P(N ≥ m) = γ(m, λ)/Γ(m), the regularised lower incomplete gamma: exact in the far tail,
+        # where 1 − CDF cancels to rounding noise (relative error 2e-3 at λ = 2, m = 20; 0 at m = 30)
+        m_, lam = torch.tensor([float(m), self.lam], dtype=torch.float64)
+        return max(float(torch.special.gammainc(m_, lam)), 1e-300)
 
 
 CPU_CHUNK_ELEMENTS = 2**16
