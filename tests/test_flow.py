@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,12 @@ def test_builders_defaults_and_parameter_parity():
         impflow.models.resflow(dim=2, actnorm_every=0)
     with pytest.raises(ValueError, match="blocks"):
         impflow.models.impflow(dim=2, blocks=0)
+
+
+def test_sample_counts_are_checked():
+    flow = impflow.models.impflow(dim=2).double()
+    assert flow.sample(0).shape == (0, 2) and flow.sample_and_log_prob(0)[1].shape == (0,)
+    assert flow.sample(np.int64(3)).shape == (3, 2)
+    for bad, error in [((3, 4), TypeError), (2.0, TypeError), (True, TypeError), (-1, ValueError)]:
+        with pytest.raises(error, match="n must be"):
+            flow.sample(bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,22 @@ class StandardNormal(nn.Module):
         return torch.randn(
             (n, *self.shape), dtype=self._ref.dtype, device=self._ref.device, generator=generator
         )
+
+
+def _count(n: int) -> int:
+    """A number of samples, checked: an int ≥ 0."""
+    try:
+        count = None if isinstance(n, bool) else operator.index(n)  # Python, numpy, 0-d torch integers
+    except TypeError:
+        count = None
+    if count is None:
+        raise TypeError(
+            f"n must be an int (the number of samples), got {n!r}; for a shape of samples use "
+            "flow.distribution().sample(shape)"
+        )
+    if count < 0:
+        raise ValueError(f"n must be non-negative, got {count}")
+    return count
 
 
 class Flow(nn.Module):
@@ -78,8 +95,8 @@ class Flow(nn.Module):
 
     def rsample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples x = f⁻¹(z), z ~ base: (n, *event_shape), differentiable in the parameters."""
-        z = self.base.sample(n, generator=generator)
-        return self.transform.inverse(z)
+        z = self.base.sample(_count(n), generator=generator)
+        return z if z.shape[0] == 0 else self.transform.inverse(z)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -90,7 +107,9 @@ class Flow(nn.Module):
         self, n: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """(x, log p(x)) using the inverse's own log-determinant: log p(x) = log p_Z(z) - log|det ∂x/∂z|."""
-        z = self.base.sample(n, generator=generator)
+        z = self.base.sample(_count(n), generator=generator)
+        if z.shape[0] == 0:
+            return z, z.new_zeros(0)
         x, ladj_inv = self.transform.inverse_and_log_det(z)
         return x, self.base.log_prob(z) - ladj_inv
 
