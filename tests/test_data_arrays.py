@@ -74,3 +74,14 @@ def test_constant_column_and_shapes():
         from_array(np.zeros((0, 2)))
     with pytest.raises(ValueError, match="test_fraction"):
         from_array(x, test_fraction=1.0)
+
+
+def test_unreadable_files_name_the_problem(tmp_path):
+    (tmp_path / "bad.csv").write_text("a,b,c\n1,2,3\n4,five,6\n7,,9\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "text.npy").write_text("hello\n")
+    (tmp_path / "folder.npy").mkdir()
+    for name, message in [("bad.csv", "line 3: 'five' is not a number"), ("empty.npy", "not a readable numeric .npy"),
+                          ("text.npy", "not in the .npy format"), ("folder.npy", "is not a file")]:
+        with pytest.raises(ValueError, match=message):
+            from_array(tmp_path / name)

@@ -18,11 +18,17 @@ def _load(source: np.ndarray | torch.Tensor | PathLike) -> tuple[np.ndarray, str
         return source.detach().cpu().numpy(), "array"
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.exists() and not path.is_file():
+            raise ValueError(f"data file {path} is not a file")
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
         suffix = path.suffix.lower()
         if suffix == ".npy":
-            return np.load(path, allow_pickle=False), path.stem
+            try:
+                return np.load(path, allow_pickle=False), path.stem
+            except (ValueError, EOFError) as e:  # empty, truncated, text, or an object array
+                why = "not in the .npy format, or an object array" if "pickle" in str(e) else " ".join(str(e).split())
+                raise ValueError(f"{path} is not a readable numeric .npy array ({why})") from None
         if suffix == ".csv":
             return read_csv(path), path.stem
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .npy or .csv")
