@@ -71,6 +71,18 @@ def test_held_out_nll_of_true_gaussian_is_its_entropy():
     assert abs(r["nll"] - entropy) < 4 * r["test_nll_se"]
 
 
+def test_preprocessing_log_det_makes_the_nll_of_the_raw_data():
+    """An invertible affine preprocessing y = a·x + b cannot change the best affine flow: with its
+    log-det (D·log a per example) the Gaussian of y scores x exactly as the Gaussian of x does."""
+    x = correlated_data(400, 4, seed=5)
+    direct = gaussian_nll(x[:300], x[300:])
+    y = 3.0 * x - 1.0
+    via = gaussian_nll(y[:300], y[300:], test_ladj=torch.full((100,), 4 * math.log(3.0), dtype=x.dtype))
+    assert via["test_nll"] == pytest.approx(direct["test_nll"], rel=1e-10)
+    assert via["test_nll_se"] == pytest.approx(direct["test_nll_se"], rel=1e-8)
+    assert gaussian_nll(y[:300], y[300:])["test_nll"] == pytest.approx(direct["test_nll"] + 4 * math.log(3.0))
+
+
 def test_images_are_flattened():
     x = correlated_data(30, 12, seed=4)
     assert gaussian_nll(x.reshape(30, 3, 2, 2))["nll"] == pytest.approx(gaussian_nll(x)["nll"], abs=1e-12)

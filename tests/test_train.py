@@ -130,6 +130,42 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert all(torch.isfinite(p).all() for p in flow.parameters())
 
 
+def test_blown_up_layer_or_nan_validation_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    """A layer's non-finite output (the residual block's input check) and a non-finite validation NLL
+    stop training like a non-finite loss: a one-line message, no checkpoint of the broken model."""
+    blown = Trainer(tiny(steps=20), tmp_path / "blown")
+    step = Trainer._train_step
+
+    def poison_after_7(self):
+        loss = step(self)
+        if self.step == 7:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))  # the first ActNorm feeds the block
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", poison_after_7)
+    result = blown.fit()
+    assert result.status == "non-finite" and "\n" not in result.message
+    assert "step 8" in result.message and "non-finite values" in result.message
+    assert checkpoint.pointer(tmp_path / "blown", "last")["step"] == 5
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+    nan_val = Trainer(tiny(steps=20), tmp_path / "nan")
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluate(self) | ({"val_nll": math.nan} if self.step == 10 else {}))
+    result = nan_val.fit()
+    assert result.status == "non-finite" and "the evaluation after step 10" in result.message and "nan" in result.message
+    assert checkpoint.pointer(tmp_path / "nan", "last")["step"] == 5
+    assert "NaN" not in (tmp_path / "nan" / "last.json").read_text()
+
+
+def test_a_run_stopped_before_its_first_evaluation_points_to_the_last_checkpoint(tmp_path):
+    Trainer(tiny(steps=5), tmp_path).save()  # what Ctrl-C before the first evaluation leaves
+    with pytest.raises(checkpoint.CheckpointError, match="--which last"):
+        checkpoint.pointer(tmp_path, "best")
+    assert checkpoint.pointer(tmp_path, "last")["step"] == 0
+
+
 def test_ctrl_c_saves_and_stops_at_step_boundary(tmp_path, monkeypatch):
     previous = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     trainer = Trainer(tiny(steps=20), tmp_path)

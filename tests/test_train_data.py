@@ -120,3 +120,42 @@ def test_array_run_resumes_exactly(tmp_path, array_file):
     config = RunConfig(data=str(array_file), blocks=1, hidden=(8,), batch_size=32, steps=14, eval_every=5,
                        log_every=3, device="cpu", quiet=True)
     assert_resumes_exactly(config, tmp_path, until=7, compare_after=9)
+
+
+def test_array_run_from_another_directory_samples_in_data_units(tmp_path, capsys, monkeypatch, array_file):
+    """A relative --data is saved absolutely; samples come back in the file's units (the saved
+    standardisation), without reading the data; eval adds the NLL in those units."""
+    from impflow.data import from_array
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", "--out", "run", "--data", "corr.npy", "--blocks", "1", "--hidden", "8",
+                         "--steps", "5", *TINY)
+    assert code == 0, err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_dir = tmp_path / "run"
+    stats = from_array(array_file)
+    report = eval_report(capsys, run_dir)
+    assert report["data"] == str(array_file)
+    assert report["test_nll_data_units"] == pytest.approx(report["test_nll"] + float(stats.std.log().sum()), rel=1e-12)
+    array_file.rename(tmp_path / "moved.npy")  # sampling needs only the run
+    paths = {}
+    for flag in ([], ["--standardized"]):
+        paths[bool(flag)] = tmp_path / f"s{len(flag)}.npy"
+        code, out, err = run(capsys, "sample", run_dir, "-n", "20", "-o", paths[bool(flag)], *flag)
+        assert code == 0 and out.strip() == str(paths[bool(flag)]), err
+    z, x = np.load(paths[True]), np.load(paths[False])
+    np.testing.assert_allclose(x, z * stats.std.numpy() + stats.mean.numpy(), rtol=1e-5, atol=1e-4)
+    code, out, err = run(capsys, "sample", run_dir, "-n", "5", "-o", tmp_path / "s.csv")
+    assert code == 2 and "name a .npy file" in err and not (tmp_path / "s.csv").exists()
+
+
+def test_paths_are_saved_absolute_with_home_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert RunConfig(data="~/x.npy").data == str(tmp_path / "x.npy")
+    assert RunConfig(data="sub/x.csv").data == str(tmp_path / "sub" / "x.csv")
+    assert RunConfig(data="power", data_root="~/maf").data_root == str(tmp_path / "maf")
+    assert RunConfig(data="moons").data == "moons"  # names are not paths
+    with pytest.raises(ConfigError, match="seed must be non-negative"):
+        RunConfig(seed=-1)

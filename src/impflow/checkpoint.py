@@ -176,7 +176,10 @@ def pointer(run: str | Path, which: str = "best") -> dict[str, Any]:
     if not run.is_dir():
         raise CheckpointError(f"run directory {run} does not exist")
     if not (run / f"{which}.json").is_file():
-        raise CheckpointError(f"{run} has no {which} checkpoint yet")
+        hint = ""
+        if which == "best" and (run / "last.json").is_file():  # stopped before its first evaluation
+            hint = "; no evaluation has finished (--which last loads the last checkpoint)"
+        raise CheckpointError(f"{run} has no {which} checkpoint yet{hint}")
     ptr = read_json(run / f"{which}.json", f"the {which} checkpoint pointer")
     if not isinstance(ptr, dict) or "path" not in ptr:
         raise CheckpointError(f"{run / (which + '.json')} is not a checkpoint pointer")

@@ -25,7 +25,7 @@ from .config import (
     FIELDS, PRESETS, ConfigError, RunConfig, coerce, parse_bool, parse_hidden, parse_switch, preset_help, resolve,
 )
 from .train import Trainer, evaluate_run, plot_run, sample_run
-from .train.runs import image_shape, plot_image_grid, read_run
+from .train.runs import plot_image_grid, saved_image_shape
 
 __all__ = ["main", "build_parser"]
 
@@ -141,13 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser(
         "sample",
-        help="draw samples from a trained run into a .npy file (image runs: (N, C, H, W) in [0, 1) and a "
-        "PNG grid beside it)",
+        help="draw samples from a trained run into a .npy file (tabular and array runs: in the data's own units; "
+        "image runs: (N, C, H, W) dequantized values x = (level + u)/K, within (-a, 1 + a) with the logit "
+        "preprocessing, a = alpha/(1 - 2 alpha), and a PNG grid beside them)",
     )
     _add_runtime_options(sample)
     sample.add_argument("-n", type=int, default=10000, help="number of samples (default: 10000)")
     sample.add_argument("-o", "--output", type=Path, help="output .npy file (default: RUN/samples.npy)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    sample.add_argument("--standardized", action="store_true",
+                        help="tabular and array runs: keep the standardised z = (x - mean)/std the model was "
+                        "trained on instead of mapping back to the data's units")
     sample.set_defaults(handler=_sample)
 
     plot = sub.add_parser("plot", help="write PNGs of the learned density, samples and training curve")
@@ -256,9 +260,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"-n must be at least 1, got {args.n}")
-    samples = sample_run(args.run, args.n, args.seed, args.which, _prepare(args))
     path = args.output if args.output is not None else args.run / "samples.npy"
-    shape = image_shape(read_run(args.run)[0])
+    if path.suffix != ".npy":
+        raise ConfigError(f"-o {path}: samples are written as .npy; name a .npy file")
+    samples = sample_run(args.run, args.n, args.seed, args.which, _prepare(args), args.standardized)
+    shape = saved_image_shape(args.run)
     if shape is not None:
         samples = samples.reshape(-1, *shape)
     np.save(path, samples.numpy())

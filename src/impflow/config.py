@@ -99,6 +99,10 @@ def logit_alpha(config: "RunConfig") -> float | None:
     return config.logit_alpha if config.logit_alpha is not None else LOGIT_ALPHA[config.data]
 
 
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
 def parse_hidden(text: str) -> tuple[int, ...]:
     """``"128,128"`` -> ``(128, 128)``."""
     try:
@@ -248,6 +252,12 @@ class RunConfig:
         for name in ("hidden", "width"):  # a list or int -> tuple
             object.__setattr__(self, name, coerce(name, getattr(self, name), "RunConfig"))
         kind = data_kind(self.data)
+        # files are named absolutely (~ expanded), so eval, sample, plot and --resume find them from
+        # any directory
+        if kind == "array":
+            object.__setattr__(self, "data", _absolute(self.data))
+        if self.data_root is not None:
+            object.__setattr__(self, "data_root", _absolute(self.data_root))
         if kind == "tabular" and self.data_root is None:
             raise ConfigError(
                 f"dataset {self.data!r} needs --data-root DIR (the unpacked MAF data.tar.gz, "
@@ -285,7 +295,7 @@ class RunConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "train_size", "threads", "clip"):
+        for name in ("warmup", "train_size", "threads", "clip", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.actnorm_every is not None and self.actnorm_every < 1:

@@ -78,13 +78,17 @@ def _nll_from_spectra(data_eig: Tensor, model_eig: Tensor, floor: float) -> floa
     return 0.5 * (torch.log(2 * math.pi * m) + data_eig / m).sum().item()
 
 
-def gaussian_nll(train: Tensor, test: Tensor | None = None, ridge: float = _DEFAULT_RIDGE) -> dict[str, float]:
+def gaussian_nll(
+    train: Tensor, test: Tensor | None = None, ridge: float = _DEFAULT_RIDGE, test_ladj: Tensor | None = None
+) -> dict[str, float]:
     """The optimum of any affine flow on ``train``, and the fitted Gaussian's held-out NLL.
 
     Args:
         train: (N, D) or (N, *event) data, flattened per example.
         test: optional held-out data of the same per-example size.
         ridge: relative eigenvalue floor (see the module docstring).
+        test_ladj: optional (N_test,) log|det ∂y/∂x| of a fixed preprocessing x → y that made
+            ``train`` and ``test``: the test NLLs are then of x, −log N(y; ·) − ladj.
 
     Returns a JSON-serialisable dict, NLLs in nats per example and ``*_bits`` = nats / ln 2:
         ``dim``, ``n_train``, ``n_floored``; ``nll`` (= ½ Σ log(2πe λ_i), the training NLL
@@ -108,6 +112,8 @@ def gaussian_nll(train: Tensor, test: Tensor | None = None, ridge: float = _DEFA
         var = fit.eigvals.clamp_min(fit.floor)
         y = (x - fit.mean) @ fit.eigvecs  # coordinates in the eigenbasis
         per_example = 0.5 * ((y.pow(2) / var).sum(dim=1) + torch.log(2 * math.pi * var).sum())
+        if test_ladj is not None:
+            per_example = per_example - test_ladj.to(per_example)
         n = x.shape[0]
         se = per_example.std().item() / math.sqrt(n) if n > 1 else float("nan")
         mean_nll = per_example.mean().item()

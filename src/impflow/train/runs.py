@@ -78,6 +78,8 @@ __all__ = [
     "baselines",
     "evaluate_run",
     "sample_run",
+    "standardization",
+    "saved_image_shape",
     "plot_run",
     "plot_image_grid",
     "image_shape",
@@ -112,7 +114,8 @@ def torch_dtype(name: str) -> torch.dtype:
 class RunData:
     """The fixed splits of a non-toy dataset: float tensors (N, D), or for images their integer
     levels (uint8, (N, C, H, W) or flattened (N, D)) with ``levels`` K and, for classify runs,
-    the labels."""
+    the labels. ``mean``, ``std``: the standardisation z = (x − mean)/std of tabular and array
+    data (float64 (D,), from the training split)."""
 
     name: str
     train: Tensor
@@ -125,6 +128,8 @@ class RunData:
     num_classes: int | None = None
     hflip: bool = False
     image_shape: tuple[int, ...] | None = None
+    mean: Tensor | None = None
+    std: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -168,7 +173,7 @@ def _load_data(config: RunConfig) -> RunData:
     try:
         if kind == "tabular":
             d = load_tabular(config.data, config.data_root)
-            return RunData(d.name, d.train, d.val, d.test)
+            return RunData(d.name, d.train, d.val, d.test, mean=d.mean, std=d.std)
         if kind == "array":
             d = from_array(config.data)
             if min(len(d.train), len(d.val), len(d.test)) < 2:
@@ -176,7 +181,7 @@ def _load_data(config: RunConfig) -> RunData:
                     f"{config.data}: too few rows ({len(d.train)}/{len(d.val)}/{len(d.test)} train/val/test) "
                     "for training and evaluation"
                 )
-            return RunData(d.name, d.train, d.val, d.test)
+            return RunData(d.name, d.train, d.val, d.test, mean=d.mean, std=d.std)
         return _image_data(config)
     except FileNotFoundError as e:
         raise ConfigError(str(e).splitlines()[0] if str(e) else f"data file for {config.data!r} not found") from None
@@ -215,9 +220,15 @@ def data_dim(config: RunConfig) -> int:
 
 def data_spec(config: RunConfig) -> dict[str, Any]:
     """What the model is built for (saved in ``config.json``): ``shape`` of one example, and
-    ``logit_alpha`` (image layout) or ``num_classes`` (classify)."""
+    ``logit_alpha`` (image layout) or ``num_classes`` (classify); ``image_shape`` (C, H, W) of image
+    data in either layout; ``standardization`` {mean, std} of tabular and array data. With these a
+    saved run samples without its data files."""
     data = run_data(config)
     spec: dict[str, Any] = {"shape": [DIM] if data is None else list(data.shape)}
+    if data is not None and data.image_shape is not None:
+        spec["image_shape"] = list(data.image_shape)
+    if data is not None and data.mean is not None and data.std is not None:
+        spec["standardization"] = {"mean": data.mean.tolist(), "std": data.std.tolist()}
     if config.task == "classify":
         assert data is not None and data.num_classes is not None
         spec["num_classes"] = data.num_classes
@@ -577,13 +588,24 @@ def evaluate_classifier(model: torch.nn.Module, x: Tensor, labels: Tensor, chunk
 def baselines(config: RunConfig, test: Tensor) -> dict[str, float | None]:
     """The floors a model's test NLL is compared with (nats): the true entropy (None when unknown:
     every non-toy dataset) and the held-out NLL of the best affine flow (the ML Gaussian of
-    training samples; the whole training split for fixed-split data)."""
-    gauss = theory.gaussian_nll(dataset(config, "baseline", _BASELINE_TRAIN), test)
-    return {
+    training samples; the whole training split for fixed-split data). Runs with the logit
+    preprocessing also get ``logit_gaussian_nll``: the best affine flow after that same fixed step,
+    its log-det included (the tighter baseline for them)."""
+    train = dataset(config, "baseline", _BASELINE_TRAIN)
+    gauss = theory.gaussian_nll(train, test)
+    out = {
         "entropy": toy2d.entropy(config.data) if data_kind(config.data) == "toy" else None,
         "gaussian_nll": gauss["test_nll"],
         "gaussian_nll_se": gauss["test_nll_se"],
     }
+    alpha = logit_alpha(config) if config.task == "density" else None
+    if alpha is not None:
+        logit = Logit(alpha)
+        with torch.no_grad():
+            (y_train, _), (y_test, ladj) = logit(train.double()), logit(test.double())
+        g = theory.gaussian_nll(y_train, y_test, test_ladj=ladj)
+        out |= {"logit_gaussian_nll": g["test_nll"], "logit_gaussian_nll_se": g["test_nll_se"]}
+    return out
 
 
 def _with_bits(d: dict[str, float | None]) -> dict[str, float | None]:
@@ -680,6 +702,16 @@ def evaluate_run(
     if result["logdet"] == "unbiased":
         estimator = {"test_nll_se_data": result["nll_se_data"], "estimator_se": result["estimator_se"],
                      "estimator_passes": result["repeats"]}
+    units: dict[str, Any] = {}
+    if fixed is not None and fixed.std is not None:
+        shift = float(fixed.std.log().sum())
+        units = {
+            "test_nll_data_units": result["nll"] + shift,
+            "test_nll_data_units_bits": (result["nll"] + shift) / _LN2,
+            "standardization_note": "test_nll is of the standardised data z = (x - mean)/std (mean, std of the "
+            "training split; the convention of the published UCI figures); test_nll_data_units = test_nll + "
+            f"sum_d ln std_d (= {shift:.6g}) is the NLL of x in the data file's units",
+        }
     images: dict[str, Any] = {}
     if fixed is not None and fixed.levels is not None:
         dim, levels = fixed.dim, fixed.levels
@@ -692,8 +724,14 @@ def evaluate_run(
             "bits_per_dim": (result["nll"] + term) / scale,
             "bits_per_dim_se": result["nll_se"] / scale,
             "gaussian_bits_per_dim": (base["gaussian_nll"] + term) / scale,
+            **({} if base.get("logit_gaussian_nll") is None else {
+                "logit_gaussian_bits_per_dim": (base["logit_gaussian_nll"] + term) / scale,
+                "gap_to_logit_gaussian_bits_per_dim": (result["nll"] - base["logit_gaussian_nll"]) / scale,
+            }),
             "bits_per_dim_note": f"(test_nll + {dim}*ln {levels}) / ({dim}*ln 2): test_nll is of the "
-            f"dequantized (x + u)/{levels} in [0, 1)^{dim}{inside}",
+            f"dequantized (x + u)/{levels} in [0, 1)^{dim}{inside}; gaussian_*: the best affine flow of the "
+            "dequantized pixels" + ("; logit_gaussian_*: the best affine flow after the run's own logit step "
+                                    "(its log-det included), the tighter affine baseline" if alpha else ""),
         }
     return {
         "run": str(run),
@@ -711,10 +749,12 @@ def evaluate_run(
         "n_test": result["n"],
         "units": "nats per example; *_bits = nats / ln 2",
         "logdet_eval": result["logdet"],
-        "logdet_eval_note": _LOGDET_NOTES[result["logdet"]].format(max=EXACT_EVAL_MAX_DIM,
-                                                                  repeats=result.get("repeats")),
+        "logdet_eval_note": _LOGDET_NOTES[result["logdet"]].format(max=EXACT_EVAL_MAX_DIM, repeats=result.get("repeats"))
+        + ("; with 1 pass the estimator's spread is unknown (estimator_se null, test_nll_se counts the data "
+           "only): use --repeats 2 or more" if result.get("repeats") == 1 else ""),
         **_with_bits(nll | base | gaps),
         **estimator,
+        **units,
         **images,
         "params": sum(p.numel() for p in flow.parameters()),
         "solver": result["solver"],
@@ -729,16 +769,50 @@ def _draw(flow: Flow, n: int, seed: int) -> Tensor:
 
 
 def sample_run(
-    run: str | Path, n: int, seed: int = 0, which: str = "best", device: str | torch.device | None = None
+    run: str | Path,
+    n: int,
+    seed: int = 0,
+    which: str = "best",
+    device: str | torch.device | None = None,
+    standardized: bool = False,
 ) -> Tensor:
-    """n samples (CPU tensor (n, *shape)) from run ``run``, reproducible by ``seed`` (for fixed-split
-    data in the standardised / dequantized space the model was trained in; images x ≈ (x_int + u)/K:
-    with the logit preprocessing they lie in (−a, 1 + a), a = α/(1 − 2α), and
-    floor(K·clip(x, 0, 1 − 1/(2K))) are the integer levels)."""
+    """n samples (CPU tensor (n, *shape)) from run ``run``, reproducible by ``seed``.
+
+    Tabular and array data: in the data's own units x = mean + std·z (the training split's
+    statistics, saved in the run), or with ``standardized`` the z the model was trained on. Images:
+    x ≈ (x_int + u)/K, the dequantized space; with the logit preprocessing they lie in (−a, 1 + a),
+    a = α/(1 − 2α), and floor(K·clip(x, 0, 1 − 1/(2K))) are the integer levels."""
     config, _ = read_run(run)
     if config.task == "classify":
         raise ConfigError(f"{run} is a classify run: it has no samples (try impflow eval {run})")
-    return _draw(load(run, device=device, which=which), n, seed)
+    samples = _draw(load(run, device=device, which=which), n, seed)
+    stats = None if standardized else standardization(run)
+    if stats is not None:
+        mean, std = stats
+        samples = (samples.double() * std + mean).to(samples.dtype)
+    return samples
+
+
+def standardization(run: str | Path) -> tuple[Tensor, Tensor] | None:
+    """(mean, std), float64 (D,), of run ``run``'s standardised data (tabular and array data; None
+    otherwise). Runs saved before the spec recorded them read their data."""
+    spec = saved_spec(run)
+    if "standardization" in spec:
+        stats = spec["standardization"]
+        return torch.tensor(stats["mean"], dtype=torch.float64), torch.tensor(stats["std"], dtype=torch.float64)
+    config, _ = read_run(run)
+    data = run_data(config) if data_kind(config.data) in ("tabular", "array") else None
+    return None if data is None or data.mean is None or data.std is None else (data.mean, data.std)
+
+
+def saved_image_shape(run: str | Path) -> tuple[int, ...] | None:
+    """(C, H, W) of run ``run``'s images, whichever layout the model sees; None for other data.
+    Runs saved before the spec recorded it read their data."""
+    spec = saved_spec(run)
+    if "image_shape" in spec:
+        return tuple(spec["image_shape"])
+    config, _ = read_run(run)
+    return image_shape(config) if data_kind(config.data) == "image" else None
 
 
 def image_shape(config: RunConfig) -> tuple[int, int, int] | None:
@@ -819,6 +893,8 @@ def plot_run(run: str | Path, which: str = "best", device: str | torch.device | 
     if history:
         base = baselines(config, data)
         reference = {"Gaussian (best affine flow)": base["gaussian_nll"]}
+        if base.get("logit_gaussian_nll") is not None:
+            reference["logit + Gaussian"] = base["logit_gaussian_nll"]
         if base["entropy"] is not None:
             reference["entropy"] = base["entropy"]
         paths["training_curve"] = plots.plot_training_curve(history, out / "training_curve.png", reference, title)

@@ -27,6 +27,7 @@ from ..config import RESUMABLE, ConfigError, RunConfig, model_kwargs
 from ..logdet import exact_logdet
 from .monitor import Progress, ProgressMode, SolverMonitor, VolumeMonitor, WarningCounter, summarize_solves
 from ..nn.lipschitz import sync_spectral
+from ..transforms.base import NonFiniteError
 from .runs import EXACT_EVAL_MAX_DIM, build_model, data_spec, dataset, evaluate, evaluate_classifier, labelled
 from .runs import draw_batch, load_model_state, read_run, refresh_spectral, resolve_device, saved_spec
 from .runs import stream_seed, train_pool, write_config
@@ -56,7 +57,11 @@ class FitResult:
 
 
 class _NonFinite(ArithmeticError):
-    pass
+    """Training must stop: ``str(self)`` says what went non-finite, ``when`` at which point."""
+
+    def __init__(self, message: str, when: str) -> None:
+        super().__init__(message)
+        self.when = when
 
 
 class _StopOnSigint:
@@ -183,7 +188,8 @@ class Trainer:
         settings in :data:`impflow.config.RESUMABLE` (e.g. ``steps``)."""
         out = Path(out)
         config, kwargs = read_run(out)
-        changed = {k: v for k, v in (overrides or {}).items() if v != getattr(config, k)}
+        given = config.replace(**(overrides or {}))  # normalised as the run's own (paths absolute)
+        changed = {k: getattr(given, k) for k in overrides or {} if getattr(given, k) != getattr(config, k)}
         fixed = [k for k in changed if k not in RESUMABLE]
         if fixed:
             k = fixed[0]
@@ -356,20 +362,22 @@ class Trainer:
             self._data_init(batch)
         batch = self._shard(batch)
         self._monitor.reset()
-        if self._ddp is None:
-            loss = self._loss(self.model, batch).mean()
+        why = None
+        try:
+            # under DDP the gradients of the per-rank means average to the gradient of the global mean
+            loss = self._loss(self.model if self._ddp is None else self._ddp, batch).mean()
             value = loss.item()
-        else:
-            # DDP averages the gradients of the per-rank means = the gradient of the global mean
-            loss = self._loss(self._ddp, batch).mean()
-            value = distributed.all_reduce(loss.item(), self.device)  # every rank sees the same
+        except NonFiniteError as e:  # the batch is finite: a layer's output blew up
+            value, why = math.nan, f"a layer produced non-finite values ({e})"
+        if self._ddp is not None:
+            value = distributed.all_reduce(value, self.device)  # every rank sees the same, and stops alike
         if not math.isfinite(value):
-            raise _NonFinite(f"the training loss is {value}")
+            raise _NonFinite(why or f"the training loss is {value}", f"step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip or math.inf)
         if not torch.isfinite(norm):
-            raise _NonFinite(f"the gradient norm is {norm.item()}")
+            raise _NonFinite(f"the gradient norm is {norm.item()}", f"step {self.step + 1}")
         self.optimizer.step()
         self.scheduler.step()
         # the weights are equal on every rank, so are the u, v refined from them; make it certain
@@ -429,7 +437,14 @@ class Trainer:
         if evaluate_now:
             # every rank evaluates the whole validation set (the same deterministic computation,
             # which refines the spectral vectors the same way on each), so all keep equal state
-            result = self.evaluate()
+            try:
+                result = self.evaluate()
+            except NonFiniteError as e:  # the validation data is finite: the model is not
+                raise _NonFinite(f"a layer produced non-finite values ({e})", f"the evaluation after step {self.step}") from None
+            bad = [k for k in (self.metric, "val_loss") if k in result and not math.isfinite(result[k])]
+            if bad:  # never checkpoint a model that cannot score the validation data
+                raise _NonFinite(f"the validation {bad[0].removeprefix('val_')} is {result[bad[0]]}",
+                                 f"the evaluation after step {self.step}")
             solver = result.pop("solver")
             record |= result
             self.warnings.count += solver["convergence_warnings"]
@@ -490,7 +505,7 @@ class Trainer:
                 if self._saved_step >= 0
                 else "no checkpoint was written yet"
             )
-            return self._result("non-finite", f"training stopped at step {self.step + 1}: {e}; {kept} in {self.out}")
+            return self._result("non-finite", f"training stopped at {e.when}: {e}; {kept} in {self.out}")
         except KeyboardInterrupt:
             kept = f"the last checkpoint (step {self._saved_step})" if self._saved_step >= 0 else "nothing"
             return self._result("interrupted", f"aborted at step {self.step} without saving; {self.out} keeps {kept}")

@@ -1,7 +1,7 @@
 """Bijections x -> z with log-determinants. See :mod:`impflow.transforms.base` for the contract."""
 
 from .autoregressive import InverseAutoregressive, MaskedAutoregressive
-from .base import Compose, Inverse, Transform, check_input, layers, recording
+from .base import Compose, Inverse, NonFiniteError, Transform, check_input, layers, recording
 from .coupling import (
     AdditiveTransformer,
     AffineTransformer,
@@ -43,7 +43,7 @@ from .residual import ResidualBlock
 
 __all__ = [
     # contract
-    "Transform", "Compose", "Inverse", "check_input", "layers", "recording",
+    "Transform", "Compose", "Inverse", "NonFiniteError", "check_input", "layers", "recording",
     # residual / implicit
     "ResidualBlock", "ImplicitBlock",
     # linear

@@ -16,7 +16,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Transform", "Compose", "Inverse", "check_input", "layers", "recording"]
+__all__ = ["Transform", "Compose", "Inverse", "NonFiniteError", "check_input", "layers", "recording"]
+
+
+class NonFiniteError(ValueError):
+    """An input with NaN or Inf entries (raised by :func:`check_input`; inside a model it means an
+    earlier layer produced them)."""
 
 
 def check_input(x: Tensor, event_shape: Sequence[int] | None = None, name: str = "x") -> None:
@@ -41,7 +46,7 @@ def check_input(x: Tensor, event_shape: Sequence[int] | None = None, name: str =
             )
     if not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten()
-        raise ValueError(
+        raise NonFiniteError(
             f"{name} contains NaN or Inf in {bad.numel()} of {x.shape[0]} rows "
             f"(first bad rows: {bad[:5].tolist()})"
         )
