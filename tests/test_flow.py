@@ -113,6 +113,13 @@ def test_builders_defaults_and_parameter_parity():
 def test_sample_counts_are_checked():
     flow = impflow.models.impflow(dim=2).double()
     assert flow.sample(0).shape == (0, 2) and flow.sample_and_log_prob(0)[1].shape == (0,)
+    # a vector flow on image-layout data: the base is (64,), the events (1, 8, 8)
+    from impflow.config import RunConfig
+    from impflow.train.runs import build_model
+
+    images = build_model(RunConfig(data="digits", model="maf", layout="image", blocks=1, hidden=(8,)))
+    assert images.sample(1).shape == (1, 1, 8, 8)
+    assert images.sample(0).shape == images.sample_and_log_prob(0)[0].shape == (0, 1, 8, 8)
     assert flow.sample(np.int64(3)).shape == (3, 2)
     for bad, error in [((3, 4), TypeError), (2.0, TypeError), (True, TypeError), (-1, ValueError)]:
         with pytest.raises(error, match="n must be"):

@@ -96,7 +96,7 @@ class Flow(nn.Module):
     def rsample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples x = f⁻¹(z), z ~ base: (n, *event_shape), differentiable in the parameters."""
         z = self.base.sample(_count(n), generator=generator)
-        return z if z.shape[0] == 0 else self.transform.inverse(z)
+        return z.new_empty((0, *self.event_shape)) if z.shape[0] == 0 else self.transform.inverse(z)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -109,7 +109,7 @@ class Flow(nn.Module):
         """(x, log p(x)) using the inverse's own log-determinant: log p(x) = log p_Z(z) - log|det ∂x/∂z|."""
         z = self.base.sample(_count(n), generator=generator)
         if z.shape[0] == 0:
-            return z, z.new_zeros(0)
+            return z.new_empty((0, *self.event_shape)), z.new_zeros(0)
         x, ladj_inv = self.transform.inverse_and_log_det(z)
         return x, self.base.log_prob(z) - ladj_inv
 

@@ -127,7 +127,9 @@ def finish(
 ) -> TabularData:
     """Standardise all three splits with the training split's mean and σ (ddof 0) and package.
 
-    Columns constant on the training split keep σ = 1 (with a warning).
+    Columns constant on the training split keep σ = 1 (with a warning). Raises ValueError when
+    a split holds NaN or Inf, in the file or after standardising to float32 (a value far outside
+    the training split's range overflows), so no loader returns a non-finite value.
     """
     train, val, test = (np.asarray(a, dtype=np.float64) for a in (train, val, test))
     dim = train.shape[1]
@@ -143,10 +145,17 @@ def finish(
             )
             std[constant] = 1.0
 
-    def out(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(((a - mean) / std).astype(np.float32))
+    def out(a: np.ndarray, split: str) -> Tensor:
+        with np.errstate(over="ignore"):  # overflow to inf is reported below
+            z = ((a - mean) / std).astype(np.float32)
+        rows = np.flatnonzero(~np.isfinite(z).all(axis=1))
+        if rows.size:
+            raise ValueError(f"{name}: {rows.size} rows of the standardised {split} split are NaN or infinite "
+                             f"(first: {rows[:5].tolist()})")
+        return torch.from_numpy(z)
 
-    return TabularData(out(train), out(val), out(test), torch.from_numpy(mean), torch.from_numpy(std), name)
+    splits = (out(train, "train"), out(val, "validation"), out(test, "test"))
+    return TabularData(*splits, torch.from_numpy(mean), torch.from_numpy(std), name)
 
 
 def read_csv(path: Path) -> np.ndarray:

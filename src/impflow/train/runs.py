@@ -585,12 +585,12 @@ def evaluate_classifier(model: torch.nn.Module, x: Tensor, labels: Tensor, chunk
     }
 
 
-def baselines(config: RunConfig, test: Tensor) -> dict[str, float | None]:
+def baselines(config: RunConfig, test: Tensor, alpha: float | None = None) -> dict[str, float | None]:
     """The floors a model's test NLL is compared with (nats): the true entropy (None when unknown:
     every non-toy dataset) and the held-out NLL of the best affine flow (the ML Gaussian of
-    training samples; the whole training split for fixed-split data). Runs with the logit
-    preprocessing also get ``logit_gaussian_nll``: the best affine flow after that same fixed step,
-    its log-det included (the tighter baseline for them)."""
+    training samples; the whole training split for fixed-split data). With ``alpha``, the run's
+    logit α (from its saved spec), also ``logit_gaussian_nll``: the best affine flow after that same
+    fixed step, its log-det included (the tighter baseline for such runs)."""
     train = dataset(config, "baseline", _BASELINE_TRAIN)
     gauss = theory.gaussian_nll(train, test)
     out = {
@@ -598,7 +598,6 @@ def baselines(config: RunConfig, test: Tensor) -> dict[str, float | None]:
         "gaussian_nll": gauss["test_nll"],
         "gaussian_nll_se": gauss["test_nll_se"],
     }
-    alpha = logit_alpha(config) if config.task == "density" else None
     if alpha is not None:
         logit = Logit(alpha)
         with torch.no_grad():
@@ -692,7 +691,7 @@ def evaluate_run(
     start = time.perf_counter()
     result = evaluate(flow, test, logdet=logdet, repeats=repeats, seed=stream_seed(config.seed, "eval"))
     seconds = time.perf_counter() - start
-    base = baselines(config, test.cpu())
+    base = baselines(config, test.cpu(), saved_spec(run).get("logit_alpha"))
     nll = {"test_nll": result["nll"], "test_nll_se": result["nll_se"]}
     gaps = {
         "gap_to_entropy": None if base["entropy"] is None else result["nll"] - base["entropy"],
@@ -778,7 +777,7 @@ def sample_run(
 ) -> Tensor:
     """n samples (CPU tensor (n, *shape)) from run ``run``, reproducible by ``seed``.
 
-    Tabular and array data: in the data's own units x = mean + std·z (the training split's
+    Tabular and array data: in the data's own units x = mean + std·z (float64; the training split's
     statistics, saved in the run), or with ``standardized`` the z the model was trained on. Images:
     x ≈ (x_int + u)/K, the dequantized space; with the logit preprocessing they lie in (−a, 1 + a),
     a = α/(1 − 2α), and floor(K·clip(x, 0, 1 − 1/(2K))) are the integer levels."""
@@ -787,9 +786,9 @@ def sample_run(
         raise ConfigError(f"{run} is a classify run: it has no samples (try impflow eval {run})")
     samples = _draw(load(run, device=device, which=which), n, seed)
     stats = None if standardized else standardization(run)
-    if stats is not None:
+    if stats is not None:  # float64, as the data were read: a float32 grid could not resolve std ≪ |mean|
         mean, std = stats
-        samples = (samples.double() * std + mean).to(samples.dtype)
+        samples = samples.double() * std + mean
     return samples
 
 
@@ -801,7 +800,13 @@ def standardization(run: str | Path) -> tuple[Tensor, Tensor] | None:
         stats = spec["standardization"]
         return torch.tensor(stats["mean"], dtype=torch.float64), torch.tensor(stats["std"], dtype=torch.float64)
     config, _ = read_run(run)
-    data = run_data(config) if data_kind(config.data) in ("tabular", "array") else None
+    if data_kind(config.data) not in ("tabular", "array"):
+        return None
+    try:
+        data = run_data(config)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (this run predates saved statistics: its data give the units; "
+                          "--standardized samples without them)") from None
     return None if data is None or data.mean is None or data.std is None else (data.mean, data.std)
 
 
@@ -891,7 +896,7 @@ def plot_run(run: str | Path, which: str = "best", device: str | torch.device | 
             {"model samples": samples, "test images": data[:_GRID].reshape(-1, *shape)}, out / "samples.png", title
         )
     if history:
-        base = baselines(config, data)
+        base = baselines(config, data, saved_spec(run).get("logit_alpha"))
         reference = {"Gaussian (best affine flow)": base["gaussian_nll"]}
         if base.get("logit_gaussian_nll") is not None:
             reference["logit + Gaussian"] = base["logit_gaussian_nll"]

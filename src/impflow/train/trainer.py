@@ -367,11 +367,13 @@ class Trainer:
             # under DDP the gradients of the per-rank means average to the gradient of the global mean
             loss = self._loss(self.model if self._ddp is None else self._ddp, batch).mean()
             value = loss.item()
-        except NonFiniteError as e:  # the batch is finite: a layer's output blew up
+        except NonFiniteError as e:  # the loaders return finite data only: a layer's output blew up
             value, why = math.nan, f"a layer produced non-finite values ({e})"
         if self._ddp is not None:
             value = distributed.all_reduce(value, self.device)  # every rank sees the same, and stops alike
         if not math.isfinite(value):
+            if self._ddp is not None:  # say what happened on whichever rank it happened
+                why = next((w for w in distributed.all_gather_object(why) if w), None)
             raise _NonFinite(why or f"the training loss is {value}", f"step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
