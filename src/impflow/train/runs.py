@@ -691,7 +691,8 @@ def evaluate_run(
     start = time.perf_counter()
     result = evaluate(flow, test, logdet=logdet, repeats=repeats, seed=stream_seed(config.seed, "eval"))
     seconds = time.perf_counter() - start
-    base = baselines(config, test.cpu(), saved_spec(run).get("logit_alpha"))
+    alpha = saved_spec(run).get("logit_alpha")  # the run's own α: the model's, and its baseline's
+    base = baselines(config, test.cpu(), alpha)
     nll = {"test_nll": result["nll"], "test_nll_se": result["nll_se"]}
     gaps = {
         "gap_to_entropy": None if base["entropy"] is None else result["nll"] - base["entropy"],
@@ -716,7 +717,6 @@ def evaluate_run(
         dim, levels = fixed.dim, fixed.levels
         term = dim * math.log(levels)
         scale = dim * _LN2
-        alpha = saved_spec(run).get("logit_alpha")
         inside = f"; the logit preprocessing (alpha {alpha}) and its log-det are part of the flow" if alpha else ""
         images = {
             "dequantization_nats": term,
