@@ -19,11 +19,13 @@ flow (the Gaussian fit of the same preprocessed data).
     flattened, spline couplings on alternating halves;
   Glow/DLF/NSF ``hidden`` is chosen so that their parameter count is closest to ResFlow's
   (checked: within ±10%, recorded).
-* training: Adam (``--lr``), ``--steps`` steps of ``--batch`` images drawn with replacement,
-  the same steps for every model; ResFlow/ImpFlow train with the Neumann log-det gradient
-  estimator (the exact 64×64 log-det in training is about 20 times slower: ``impflow train
-  --model image-resflow --data digits --steps 20 --batch-size 64 --logdet exact`` trained for 81 s
-  against 3.9 s with ``--logdet neumann``, one thread, 2026-12-07) and the library's default
+* training: Adam (``--lr``; constant, or with ``--schedule cosine`` decayed to 0 at ``--steps``
+  after ``--warmup`` linear warm-up steps, ``impflow.train.lr_factor`` as in ``impflow train``),
+  ``--steps`` steps of ``--batch`` images drawn with replacement, the same steps for every
+  model; ResFlow/ImpFlow train with the Neumann log-det gradient estimator (the exact 64×64
+  log-det in training is about 20 times slower: ``impflow train --model image-resflow --data
+  digits --steps 20 --batch-size 64 --logdet exact`` trained for 81 s against 3.9 s with
+  ``--logdet neumann``, one thread, 2026-12-07) and the library's default
   roulette (geometric, p = 0.5, raised by the variance rule with ``--variance-margin``; ``none``
   gives the fixed-p estimator of the runs before that rule); ImpFlow's root solver is
   ``SolverConfig(method=--solver, tol=--train-tol)``.
@@ -66,12 +68,13 @@ from common import (  # noqa: E402
 )
 
 from impflow import theory  # noqa: E402
-from impflow.config import ConfigError, parse_switch  # noqa: E402
+from impflow.config import SCHEDULES, ConfigError, parse_switch  # noqa: E402
 from impflow.data.images import bits_per_dim, dequantize, load_digits  # noqa: E402
 from impflow.logdet import LogDetConfig, exact_logdet  # noqa: E402
 from impflow.models import dlf, glow, image_impflow, image_resflow, nsf  # noqa: E402
 from impflow.nn import ACTIVATIONS  # noqa: E402
 from impflow.solvers import SolverConfig  # noqa: E402
+from impflow.train import lr_factor  # noqa: E402
 from impflow.transforms import layers, recording  # noqa: E402
 
 MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
@@ -91,6 +94,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning rate after warm-up: constant (the runs before this option) or cosine "
+                        "(decayed to 0 at --steps, impflow train's default)")
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
     p.add_argument("--hidden", type=int, default=32, help="channels inside each ResFlow/ImpFlow g")
     p.add_argument("--impflow-blocks", type=int, default=2, help="per scale; ResFlow gets twice as many")
     p.add_argument("--coeff", type=float, default=0.97)
@@ -122,6 +129,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 20 steps, prints only")
     p.add_argument("--name", default=None, help="results file stem (default digits)")
     args = p.parse_args(argv)
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     args.no_write = args.quick and args.name is None
     args.name = args.name or "digits"
     if args.quick:
@@ -241,7 +250,9 @@ def train(
     after_step: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], int]:
     """Steps ``first`` … ``--steps``: a batch drawn and dequantised with ``gen``, the loss, its
-    backward, ``on_grad(step, loss)`` (the gradients are in place), the Adam step, the
+    backward, ``on_grad(step, loss)`` (the gradients are in place), the Adam step at this step's
+    learning rate (``--schedule``, ``--warmup``; set from the step number, so a resumed run needs
+    no scheduler state), the
     ``--eval-every`` test evaluation (not at the last step), ``after_step(step)``. A non-finite loss
     skips the step. Returns (learning curve, number of skipped steps)."""
     n = len(data.train_images)
@@ -258,6 +269,8 @@ def train(
         loss.backward()
         if on_grad is not None:
             on_grad(step, loss)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(step - 1, args.warmup, args.steps, args.schedule)
         opt.step()
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             curve.append({"step": step, "test_bpd": evaluate(model, name, *test)["bpd"]})
@@ -381,6 +394,15 @@ def roulette_text(settings: dict) -> str:
             + (f", variance rule margin {margin}" if margin is not None else " fixed, no variance rule"))
 
 
+def schedule_text(settings: dict) -> str:
+    """The learning-rate schedule, for the settings line (files from before the option: constant)."""
+    warmup = settings.get("warmup", 0)
+    text = f" after {warmup} warm-up steps" if warmup else ""
+    if settings.get("schedule", "constant") == "cosine":
+        return f", cosine decay to 0{text}"
+    return f", constant{text}" if warmup else ""
+
+
 def actnorm_text(settings: dict) -> str:
     """Where the ActNorms are, for the settings line (files from before the options: after every block)."""
     outer = settings.get("actnorm", True)
@@ -420,7 +442,7 @@ def markdown(payload: dict) -> str:
         f"Data: sklearn digits as (1, 8, 8), split seed {a['split_seed']} ({payload['data']['n_train']} train / "
         f"{payload['data']['n_test']} test), 17 levels, uniform dequantisation, logit α = {a['alpha']}; "
         "bits/dim include the logit Jacobian and the 64·ln 17 scaling.  ",
-        f"Training: Adam lr {a['lr']}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
+        f"Training: Adam lr {a['lr']}{schedule_text(a)}, {a['steps']} steps of batch {a['batch']} for every model, seeds "
         f"{seeds_text(payload['runs'])}. ImpFlow {a['impflow_blocks']}-{a['impflow_blocks']}-{a['impflow_blocks']}, "
         f"ResFlow {2 * a['impflow_blocks']}-{2 * a['impflow_blocks']}-{2 * a['impflow_blocks']} (hidden {a['hidden']}, "
         f"kernels 3-1-3, coeff {a['coeff']}, {a.get('activation', 'lipswish')} activations, {actnorm_text(a)}, no factor-out), Neumann log-det "
@@ -547,11 +569,12 @@ def report(name: str, payload: dict, save: bool = True) -> None:
 def merge(args: argparse.Namespace, command: str) -> dict:
     """One result from per-seed-range (or per-model) result files: their runs pooled; the training
     settings must agree, the model lists may differ; a (model, seed) pair may appear only once."""
-    keys = ("steps", "batch", "lr", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps",
+    keys = ("steps", "batch", "lr", "schedule", "warmup", "hidden", "impflow_blocks", "coeff", "alpha", "solver", "train_tol", "flow_steps",
             "split_seed", "actnorm", "activation", "inner_actnorm", "resflow_actnorm_every", "variance_margin",
             "n_exact_terms")
     older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False, "resflow_actnorm_every": 1,
-             "variance_margin": None, "n_exact_terms": LogDetConfig.n_exact_terms}  # files written before these options existed
+             "variance_margin": None, "n_exact_terms": LogDetConfig.n_exact_terms, "schedule": "constant",
+             "warmup": 0}  # files written before these options existed
     parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults=older)
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})

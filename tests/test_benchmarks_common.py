@@ -137,6 +137,32 @@ def test_digits_volume_splits_the_log_det_by_layer_kind(name):
     assert all(abs(v) > 0 for k, v in parts.items() if k != "Squeeze")
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_digits_learning_rate_follows_the_schedule(schedule):
+    """benchmarks/digits.py ``train``: every Adam step runs at --lr × impflow.train.lr_factor of its
+    step (warm-up, then constant or cosine to 0 at --steps), and the settings line says which."""
+    import digits
+    import torch
+    from impflow.train import lr_factor
+
+    args = digits.parse(["--steps", "5", "--hidden", "4", "--schedule", schedule, "--warmup", "2", "--lr", "0.01"])
+    data, pre, test = digits.prepare(args)
+    torch.manual_seed(0)
+    model = digits.build("resflow", args)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    seen = []
+    digits.train(args, "resflow", model, opt, torch.Generator().manual_seed(0), data, pre, test,
+                 after_step=lambda step: seen.append(opt.param_groups[0]["lr"]))
+    expected = [0.01 * lr_factor(s, 2, 5, schedule) for s in range(5)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[:2] == pytest.approx([0.005, 0.01]) and (seen[-1] < 0.005) == (schedule == "cosine")
+    text = digits.schedule_text(vars(args))
+    assert text == (", cosine decay to 0 after 2 warm-up steps" if schedule == "cosine" else ", constant after 2 warm-up steps")
+    assert digits.schedule_text({}) == ""  # older files: constant, no warm-up, the text they were written with
+    with pytest.raises(SystemExit):
+        digits.parse(["--warmup", "-1"])
+
+
 @pytest.mark.parametrize("name", ["impflow", "resflow"])
 def test_digits_estimator_flags_reach_every_block(name):
     """benchmarks/digits.py: --n-exact-terms and --variance-margin set the training estimator of
