@@ -179,3 +179,29 @@ def test_digits_estimator_flags_reach_every_block(name):
     for bad in ("0", "2.5", "x"):
         with pytest.raises(SystemExit):  # a usage error, not a traceback from the builder
             digits.parse(["--n-exact-terms", bad])
+
+
+def test_digits_gaussian_baseline_counts_each_images_logit_jacobian():
+    """benchmarks/digits.py ``baselines``: the best affine flow's bits/dim are the mean over images of
+    −(log N(y_i; ML fit) + ladj_i − 64 ln 17)/(64 ln 2), each image with its own logit log-det (train:
+    the training images' own), and the test s.e. is the std of that per-image figure over √n."""
+    import math
+
+    import digits
+    import torch
+
+    args = digits.parse([])
+    data, pre, (test_y, test_ladj) = digits.prepare(args)
+    base = digits.baselines(pre, data, test_y, test_ladj, gen_seed=3)
+    x_tr = digits.dequantize(data.train_images, data.levels, torch.Generator().manual_seed(3))
+    y_tr, train_ladj = pre(x_tr)
+    y_tr, y_te = y_tr.double().flatten(1), test_y.double().flatten(1)
+    mean = y_tr.mean(0)
+    cov = (y_tr - mean).T @ (y_tr - mean) / len(y_tr)  # the ML covariance (full rank here: no floor)
+    gauss = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+    scale, term = 64 * math.log(2), 64 * math.log(data.levels)
+    per_test = (-gauss.log_prob(y_te) - test_ladj.double() + term) / scale
+    per_train = (-gauss.log_prob(y_tr) - train_ladj.double() + term) / scale
+    assert base["gaussian_test_bpd"] == pytest.approx(per_test.mean().item(), abs=1e-9)
+    assert base["gaussian_test_bpd_se"] == pytest.approx(per_test.std().item() / math.sqrt(len(per_test)), rel=1e-6)
+    assert base["gaussian_train_bpd"] == pytest.approx(per_train.mean().item(), abs=1e-9)
