@@ -145,6 +145,13 @@ def test_piecewise_linear_demo_density_and_inverse():
     assert (layer(layer.inverse(u))[0] - u).abs().max() < 1e-12
 
 
+def test_piecewise_linear_demo_tutorial_snippet():
+    """docs/tutorial.md section 1: f'(x) at 0.1, 0.5, 0.95 is Kφ_b = 1.0, 2.0, 1.25; z = f(x)."""
+    z, log_det = PiecewiseLinear.from_probabilities(PHI)(torch.tensor([[0.1], [0.5], [0.95]], dtype=torch.float64))
+    torch.testing.assert_close(log_det.exp(), torch.tensor([1.0, 2.0, 1.25], dtype=torch.float64))
+    torch.testing.assert_close(z.squeeze(1), torch.tensor([0.1, 0.5, 0.9375], dtype=torch.float64))
+
+
 def test_piecewise_linear_demo_samples_follow_phi():
     layer = PiecewiseLinear.from_probabilities(PHI)
     x = layer.inverse(torch.rand(200_000, 1, dtype=torch.float64))  # x = f⁻¹(u), u ~ U[0, 1]
@@ -228,3 +235,36 @@ def test_spline_bad_parameters_are_clear_errors():
         rational_quadratic_spline(x, w, h, d, min_bin_width=0.3)
     with pytest.raises(ValueError, match="unnormalized_widths"):
         rational_quadratic_spline(x, w[:1, :2], h, d)
+
+
+def test_unit_interval_error_names_nan():
+    layer = PiecewiseLinear.from_probabilities(PHI)
+    x = torch.tensor([[0.3], [float("nan")], [1.5]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"got values in \[0.3, 1.5\] and 1 NaN \(2 outside\)"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"got 1 NaN \(1 outside\)"):
+        layer(x[1:2])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PiecewiseLinear(2, bins=0), "bins must be a positive int"),
+        (lambda: PiecewiseLinear(0), "features must be a positive int"),
+        (lambda: RationalQuadraticSpline(2, bins=0), "bins must be a positive int"),
+        (lambda: RationalQuadraticSpline(2, bound=-1.0), "bound must be positive"),
+        (lambda: RationalQuadraticSpline(2, bins=4, min_bin_width=0.25), "min_bin_width must lie in"),
+        (lambda: RationalQuadraticSpline(2, min_derivative=1.0), "min_derivative must lie in"),
+        (lambda: PiecewiseLinear.from_probabilities(PHI.expand(2, 5), features=3), "features=3 but φ has 2 rows"),
+        (lambda: PiecewiseLinear.from_probabilities(PHI.expand(2, 2, 5)), r"shape \(K,\) or \(features, K\)"),
+    ],
+)
+def test_bad_constructor_arguments_are_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_from_probabilities_features():
+    assert PiecewiseLinear.from_probabilities(PHI, features=3).logits.shape == (3, 5)
+    assert PiecewiseLinear.from_probabilities(PHI.expand(2, 5)).logits.shape == (2, 5)
+    assert PiecewiseLinear.from_probabilities(PHI.expand(2, 5), features=2).logits.shape == (2, 5)

@@ -93,6 +93,18 @@ def test_standard_normal_follows_dtype_and_flow_needs_shape():
     assert Flow(ActNorm(2), base).event_shape == (2,)
 
 
+def test_data_of_another_dtype_is_a_clear_error():
+    """A float64 batch into a float32 flow (and back) names both dtypes, whether the layers would
+    fail deep inside (an LU matmul) or silently promote (ActNorm)."""
+    x = torch.randn(5, 2)
+    for flow in (impflow.models.linear(2), Flow(ActNorm(2), event_shape=2)):
+        with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the flow's parameters are torch.float32"):
+            flow.log_prob(x.double())
+        assert flow.log_prob(x).dtype == torch.float32
+        with pytest.raises(TypeError, match=r"torch.float32 but .* torch.float64; convert the data \(x.double\(\)\)"):
+            flow.double().log_prob(x)
+
+
 def test_builders_defaults_and_parameter_parity():
     flow = impflow.models.impflow(dim=2)
     assert len([m for m in flow.modules() if isinstance(m, impflow.ImplicitBlock)]) == 4

@@ -92,6 +92,11 @@ def test_lu_linear_reproduces_given_weight():
     assert (ladj - torch.linalg.slogdet(W)[1]).abs().max() < 1e-12
 
 
+def test_lu_linear_weight_of_the_wrong_size_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"LULinear\(2\) needs a \(2, 2\) weight, got \(3, 3\)"):
+        LULinear(2, weight=torch.eye(3))
+
+
 def test_orthogonal_preserves_norms():
     layer = make("orthogonal", 0)
     x = inputs("orthogonal")

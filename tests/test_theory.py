@@ -136,3 +136,17 @@ def test_bad_arguments():
         gaussian_nll(x, ridge=0.0)
     with pytest.raises(ValueError, match="expected"):
         gaussian_nll(torch.zeros(5))
+
+
+def test_gaussian_nll_takes_arrays_and_refuses_non_finite_data():
+    import numpy as np
+
+    from impflow.transforms.base import NonFiniteError
+
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    assert gaussian_nll(x)["nll"] == pytest.approx(gaussian_nll(torch.from_numpy(x))["nll"], abs=0)
+    x[7, 1] = np.nan
+    with pytest.raises(NonFiniteError, match=r"train contains NaN or Inf in 1 of 50 rows \(first bad rows: \[7\]\)"):
+        gaussian_nll(x)
+    with pytest.raises(NonFiniteError, match="test contains NaN"):
+        gaussian_nll(torch.randn(50, 3), torch.from_numpy(x))

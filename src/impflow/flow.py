@@ -87,11 +87,23 @@ class Flow(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x) in nats, x (batch, *event_shape) -> (batch,)."""
         check_input(x, self.event_shape)
+        self._check_dtype(x)
         z, ladj = self.transform(x)
         return self.base.log_prob(z) + ladj
 
     def forward(self, x: Tensor) -> Tensor:
         return self.log_prob(x)
+
+    def _check_dtype(self, x: Tensor) -> None:
+        """A TypeError naming both dtypes when x's differs from the flow's parameters': some layers
+        would fail deep inside, others silently promote. A flow without parameters takes any."""
+        ref = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if ref is not None and x.dtype != ref.dtype:
+            cast = {torch.float32: "float", torch.float64: "double"}.get(ref.dtype, "to(...)")
+            raise TypeError(
+                f"x has dtype {x.dtype} but the flow's parameters are {ref.dtype}; "
+                f"convert the data (x.{cast}()) or the flow (flow.to({x.dtype}))"
+            )
 
     def rsample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples x = f⁻¹(z), z ~ base: (n, *event_shape), differentiable in the parameters."""

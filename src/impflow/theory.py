@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .transforms.base import check_input
+
 __all__ = [
     "gaussian_nll",
     "ppca_nll",
@@ -51,10 +53,13 @@ class _Fit(NamedTuple):
 
 
 def _as_matrix(x: Tensor, name: str) -> Tensor:
-    """(N, *event) -> (N, D) float64."""
+    """(N, *event) tensor or array -> (N, D) float64; non-finite entries are an error."""
+    x = torch.as_tensor(x)
     if x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (N, D) or (N, *event) with N >= 1")
-    return x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    x = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    check_input(x, name=name)
+    return x
 
 
 def _fit(train: Tensor, ridge: float) -> _Fit:

@@ -46,10 +46,12 @@ def _check_unit_interval(x: Tensor, name: str, *, closed: bool) -> None:
     inside = (x >= 0) & (x <= 1) if closed else (x > 0) & (x < 1)
     if not bool(inside.all()):
         interval = "[0, 1]" if closed else "(0, 1)"
-        raise ValueError(
-            f"{name} must lie in {interval}; got values in "
-            f"[{x.min().item():.6g}, {x.max().item():.6g}] ({int((~inside).sum())} outside)"
-        )
+        nan = torch.isnan(x)
+        numbers = x[~nan]
+        found = f"values in [{numbers.min().item():.6g}, {numbers.max().item():.6g}]" if numbers.numel() else ""
+        if bool(nan.any()):
+            found += (" and " if found else "") + f"{int(nan.sum())} NaN"
+        raise ValueError(f"{name} must lie in {interval}; got {found} ({int((~inside).sum())} outside)")
 
 
 def _expand_params(p: Tensor, x: Tensor, name: str) -> Tensor:
@@ -222,9 +224,13 @@ def rational_quadratic_spline(
 class _FeatureWise(Transform):
     """Shape check shared by the per-feature parameterised maps: inputs (batch, features)."""
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, bins: int) -> None:
         super().__init__()
+        for name, value in (("features", features), ("bins", bins)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {value!r}")
         self.features = features
+        self.bins = bins
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.features:
@@ -242,24 +248,28 @@ class PiecewiseLinear(_FeatureWise):
     """
 
     def __init__(self, features: int, bins: int = 5) -> None:
-        super().__init__(features)
-        self.bins = bins
+        super().__init__(features, bins)
         self.logits = nn.Parameter(torch.zeros(features, bins))
 
     @classmethod
-    def from_probabilities(cls, phi: Tensor | Sequence[float], features: int = 1) -> "PiecewiseLinear":
-        """A layer with the given bin masses φ, shape (K,) shared by all features or (features, K).
+    def from_probabilities(cls, phi: Tensor | Sequence[float], features: int | None = None) -> "PiecewiseLinear":
+        """A layer with the given bin masses φ, shape (K,) shared by ``features`` features (default 1)
+        or (features, K), one row per feature.
 
         The layer takes φ's dtype when φ is a floating tensor (else the default dtype).
         """
         phi = torch.as_tensor(phi)
         if not phi.is_floating_point():
             phi = phi.to(torch.get_default_dtype())
+        if phi.dim() not in (1, 2):
+            raise ValueError(f"φ must have shape (K,) or (features, K), got {tuple(phi.shape)}")
         if not bool((phi > 0).all()) or (phi.sum(-1) - 1).abs().max() > 1e-6:
             raise ValueError(f"φ must be positive and sum to 1 along the last axis, got {phi.tolist()}")
         if phi.dim() == 2:
+            if features is not None and features != phi.shape[0]:
+                raise ValueError(f"features={features} but φ has {phi.shape[0]} rows (one per feature)")
             features = phi.shape[0]
-        layer = cls(features, bins=phi.shape[-1]).to(phi.dtype)
+        layer = cls(1 if features is None else features, bins=phi.shape[-1]).to(phi.dtype)
         with torch.no_grad():
             layer.logits.copy_(torch.log(phi).expand_as(layer.logits))
         return layer
@@ -294,8 +304,14 @@ class RationalQuadraticSpline(_FeatureWise):
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
     ) -> None:
-        super().__init__(features)
-        self.bins = bins
+        super().__init__(features, bins)
+        if not 0 < bound < math.inf:
+            raise ValueError(f"RationalQuadraticSpline: bound must be positive and finite, got {bound}")
+        for name, floor in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
+            if not 0 <= floor * bins < 1:
+                raise ValueError(f"RationalQuadraticSpline: {name} must lie in [0, 1/bins), got {floor}")
+        if not 0 <= min_derivative < 1:
+            raise ValueError(f"RationalQuadraticSpline: min_derivative must lie in [0, 1), got {min_derivative}")
         self.spline_kwargs = dict(
             bound=bound,
             min_bin_width=min_bin_width,

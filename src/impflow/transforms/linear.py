@@ -204,6 +204,8 @@ class LULinear(LinearTransform):
         if weight is None:
             P, L, U = torch.eye(features), torch.eye(features), torch.eye(features)
         else:
+            if tuple(weight.shape) != (features, features):
+                raise ValueError(f"LULinear({features}) needs a ({features}, {features}) weight, got {tuple(weight.shape)}")
             P, L, U = torch.linalg.lu(weight.detach())
         s = torch.diagonal(U)
         if not bool((s != 0).all()):
