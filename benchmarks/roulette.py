@@ -78,6 +78,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args = p.parse_args(argv)
     if args.command == "replay" and "--variance-margin" not in digits_argv:
         p.error("pass digits.py's --variance-margin after -- (none: the fixed-p estimator)")
+    if args.command == "replay" and any(a.startswith(("--schedule", "--warmup")) for a in digits_argv):
+        # replay trains to --until (run_training sets steps = until), so a decaying schedule would end there
+        p.error("replay reproduces constant-learning-rate digits runs only (no --schedule/--warmup)")
     return args, digits_argv
 
 

@@ -88,6 +88,16 @@ def test_digits_time_ratios_pair_runs_of_one_machine():
     assert digits.time_ratios(runs) == {0: 3.0, 2: 2.0}
 
 
+def test_roulette_replay_refuses_a_decaying_schedule():
+    """replay trains to --until, so a cosine schedule would decay to 0 there instead of at --steps."""
+    import roulette
+
+    for flag in ("--schedule", "--warmup"):
+        with pytest.raises(SystemExit):
+            roulette.parse(["replay", "--model", "impflow", "--until", "6", "--", "--variance-margin", "none",
+                            flag, "cosine" if flag == "--schedule" else "5"])
+
+
 def test_roulette_replay_resumes_bit_for_bit(results, tmp_path, monkeypatch):
     """benchmarks/roulette.py: a checkpointed replay continued by ``resume`` takes the same steps
     (losses and gradient norms) as the uninterrupted replay, and ``measure`` reads the checkpoint."""

@@ -264,6 +264,13 @@ def test_bad_constructor_arguments_are_clear_errors(make, message):
         make()
 
 
+def test_numpy_and_torch_integers_are_accepted_as_sizes():
+    import numpy as np
+
+    assert PiecewiseLinear(np.int64(2), bins=torch.tensor(3)).logits.shape == (2, 3)
+    assert RationalQuadraticSpline(2, bins=np.int64(4)).bins == 4
+
+
 def test_from_probabilities_features():
     assert PiecewiseLinear.from_probabilities(PHI, features=3).logits.shape == (3, 5)
     assert PiecewiseLinear.from_probabilities(PHI.expand(2, 5)).logits.shape == (2, 5)

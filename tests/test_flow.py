@@ -103,6 +103,8 @@ def test_data_of_another_dtype_is_a_clear_error():
         assert flow.log_prob(x).dtype == torch.float32
         with pytest.raises(TypeError, match=r"torch.float32 but .* torch.float64; convert the data \(x.double\(\)\)"):
             flow.double().log_prob(x)
+    with pytest.raises(TypeError, match=r"convert the data \(x.to\(torch.bfloat16\)\) or the flow \(flow.to\(torch.float16\)\)"):
+        Flow(ActNorm(2), event_shape=2).to(torch.bfloat16).log_prob(x.half())
 
 
 def test_builders_defaults_and_parameter_parity():

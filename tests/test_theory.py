@@ -150,3 +150,9 @@ def test_gaussian_nll_takes_arrays_and_refuses_non_finite_data():
         gaussian_nll(x)
     with pytest.raises(NonFiniteError, match="test contains NaN"):
         gaussian_nll(torch.randn(50, 3), torch.from_numpy(x))
+    y = torch.randn(50, 3)
+    assert gaussian_nll(y.tolist(), y, test_ladj=np.zeros(50))["test_nll"] == pytest.approx(gaussian_nll(y, y)["test_nll"])
+    with pytest.raises(NonFiniteError, match="test_ladj contains NaN"):
+        gaussian_nll(y, y, test_ladj=torch.full((50,), float("nan")))
+    with pytest.raises(ValueError, match=r"test_ladj has shape \(50, 1\); expected \(50,\)"):
+        gaussian_nll(y, y, test_ladj=torch.zeros(50, 1))

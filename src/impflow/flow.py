@@ -99,10 +99,10 @@ class Flow(nn.Module):
         would fail deep inside, others silently promote. A flow without parameters takes any."""
         ref = next((p for p in self.parameters() if p.is_floating_point()), None)
         if ref is not None and x.dtype != ref.dtype:
-            cast = {torch.float32: "float", torch.float64: "double"}.get(ref.dtype, "to(...)")
+            cast = {torch.float32: "x.float()", torch.float64: "x.double()"}.get(ref.dtype, f"x.to({ref.dtype})")
             raise TypeError(
                 f"x has dtype {x.dtype} but the flow's parameters are {ref.dtype}; "
-                f"convert the data (x.{cast}()) or the flow (flow.to({x.dtype}))"
+                f"convert the data ({cast}) or the flow (flow.to({x.dtype}))"
             )
 
     def rsample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -105,7 +105,7 @@ def gaussian_nll(
     nll = _nll_from_spectra(fit.eigvals, fit.eigvals, fit.floor)
     out: dict[str, float] = {
         "dim": fit.eigvals.numel(),
-        "n_train": train.shape[0],
+        "n_train": len(train),
         "n_floored": int((fit.eigvals < fit.floor).sum()),
         "nll": nll,
         "nll_bits": nll / _LN2,
@@ -118,7 +118,11 @@ def gaussian_nll(
         y = (x - fit.mean) @ fit.eigvecs  # coordinates in the eigenbasis
         per_example = 0.5 * ((y.pow(2) / var).sum(dim=1) + torch.log(2 * math.pi * var).sum())
         if test_ladj is not None:
-            per_example = per_example - test_ladj.to(per_example)
+            ladj = torch.as_tensor(test_ladj)
+            if tuple(ladj.shape) != (x.shape[0],):
+                raise ValueError(f"test_ladj has shape {tuple(ladj.shape)}; expected ({x.shape[0]},), one per test example")
+            check_input(ladj.to(per_example), name="test_ladj")
+            per_example = per_example - ladj.to(per_example)
         n = x.shape[0]
         se = per_example.std().item() / math.sqrt(n) if n > 1 else float("nan")
         mean_nll = per_example.mean().item()

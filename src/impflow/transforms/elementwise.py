@@ -14,6 +14,7 @@ Two layers of API:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -226,11 +227,16 @@ class _FeatureWise(Transform):
 
     def __init__(self, features: int, bins: int) -> None:
         super().__init__()
+        checked = []
         for name, value in (("features", features), ("bins", bins)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            try:  # Python, numpy and 0-d torch integers
+                number = None if isinstance(value, bool) else operator.index(value)
+            except TypeError:
+                number = None
+            if number is None or number < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {value!r}")
-        self.features = features
-        self.bins = bins
+            checked.append(number)
+        self.features, self.bins = checked
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.features:
