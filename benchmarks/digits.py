@@ -78,6 +78,7 @@ from impflow.train import lr_factor  # noqa: E402
 from impflow.transforms import layers, recording  # noqa: E402
 
 MODELS = ("impflow", "resflow", "glow", "nsf", "dlf")
+SCHEDULE_DEFAULTS = {"schedule": "constant", "warmup": 0}  # runs and checkpoints from before --schedule
 SHAPE = (1, 8, 8)
 DIM = 64
 
@@ -573,8 +574,8 @@ def merge(args: argparse.Namespace, command: str) -> dict:
             "split_seed", "actnorm", "activation", "inner_actnorm", "resflow_actnorm_every", "variance_margin",
             "n_exact_terms")
     older = {"actnorm": True, "activation": "lipswish", "inner_actnorm": False, "resflow_actnorm_every": 1,
-             "variance_margin": None, "n_exact_terms": LogDetConfig.n_exact_terms, "schedule": "constant",
-             "warmup": 0}  # files written before these options existed
+             "variance_margin": None, "n_exact_terms": LogDetConfig.n_exact_terms,
+             **SCHEDULE_DEFAULTS}  # files written before these options existed
     parts, runs = load_parts(args.merge, keys, ("model", "seed"), defaults=older)
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     seeds = sorted({r["seed"] for r in runs})

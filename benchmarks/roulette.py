@@ -98,7 +98,7 @@ def restore(path: Path, margin) -> tuple[dict, argparse.Namespace, torch.nn.Modu
     """A checkpoint of ``replay``/``resume`` as (checkpoint, digits args, model, Adam, batch generator),
     the global random state set to the saved one; ``margin`` overrides the variance rule."""
     ck = torch.load(path, weights_only=False)
-    dargs = argparse.Namespace(**{"schedule": "constant", "warmup": 0, **ck["digits_args"]})  # older: no schedule
+    dargs = argparse.Namespace(**{**digits.SCHEDULE_DEFAULTS, **ck["digits_args"]})
     if margin is not KEEP:
         dargs.variance_margin = margin
     model = digits.build(ck["model_name"], dargs)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from .transforms.base import Transform, check_input
+from .transforms.base import Transform, as_int, check_input
 
 __all__ = ["Flow", "StandardNormal", "FlowDistribution"]
 
@@ -40,10 +39,7 @@ class StandardNormal(nn.Module):
 
 def _count(n: int) -> int:
     """A number of samples, checked: an int ≥ 0."""
-    try:
-        count = None if isinstance(n, bool) else operator.index(n)  # Python, numpy, 0-d torch integers
-    except TypeError:
-        count = None
+    count = as_int(n)
     if count is None:
         raise TypeError(
             f"n must be an int (the number of samples), got {n!r}; for a shape of samples use "

@@ -121,8 +121,9 @@ def gaussian_nll(
             ladj = torch.as_tensor(test_ladj)
             if tuple(ladj.shape) != (x.shape[0],):
                 raise ValueError(f"test_ladj has shape {tuple(ladj.shape)}; expected ({x.shape[0]},), one per test example")
-            check_input(ladj.to(per_example), name="test_ladj")
-            per_example = per_example - ladj.to(per_example)
+            ladj = ladj.to(per_example)
+            check_input(ladj, name="test_ladj")
+            per_example = per_example - ladj
         n = x.shape[0]
         se = per_example.std().item() / math.sqrt(n) if n > 1 else float("nan")
         mean_nll = per_example.mean().item()

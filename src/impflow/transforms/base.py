@@ -9,6 +9,7 @@ Every transform maps the *normalizing* direction, ``z = f(x)``::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar
@@ -17,6 +18,17 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Transform", "Compose", "Inverse", "NonFiniteError", "check_input", "layers", "recording"]
+
+
+def as_int(value: object) -> int | None:
+    """``value`` as an int when it is an integer (Python, numpy or 0-d torch), else None; a bool is
+    not a size or a count."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class NonFiniteError(ValueError):

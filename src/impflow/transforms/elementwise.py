@@ -14,14 +14,13 @@ Two layers of API:
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Transform
+from .base import Transform, as_int
 
 __all__ = [
     "piecewise_linear",
@@ -229,10 +228,7 @@ class _FeatureWise(Transform):
         super().__init__()
         checked = []
         for name, value in (("features", features), ("bins", bins)):
-            try:  # Python, numpy and 0-d torch integers
-                number = None if isinstance(value, bool) else operator.index(value)
-            except TypeError:
-                number = None
+            number = as_int(value)
             if number is None or number < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {value!r}")
             checked.append(number)
@@ -255,7 +251,7 @@ class PiecewiseLinear(_FeatureWise):
 
     def __init__(self, features: int, bins: int = 5) -> None:
         super().__init__(features, bins)
-        self.logits = nn.Parameter(torch.zeros(features, bins))
+        self.logits = nn.Parameter(torch.zeros(self.features, self.bins))
 
     @classmethod
     def from_probabilities(cls, phi: Tensor | Sequence[float], features: int | None = None) -> "PiecewiseLinear":
@@ -314,7 +310,7 @@ class RationalQuadraticSpline(_FeatureWise):
         if not 0 < bound < math.inf:
             raise ValueError(f"RationalQuadraticSpline: bound must be positive and finite, got {bound}")
         for name, floor in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
-            if not 0 <= floor * bins < 1:
+            if not 0 <= floor * self.bins < 1:
                 raise ValueError(f"RationalQuadraticSpline: {name} must lie in [0, 1/bins), got {floor}")
         if not 0 <= min_derivative < 1:
             raise ValueError(f"RationalQuadraticSpline: min_derivative must lie in [0, 1), got {min_derivative}")
@@ -324,10 +320,10 @@ class RationalQuadraticSpline(_FeatureWise):
             min_bin_height=min_bin_height,
             min_derivative=min_derivative,
         )
-        self.unnormalized_widths = nn.Parameter(torch.zeros(features, bins))
-        self.unnormalized_heights = nn.Parameter(torch.zeros(features, bins))
+        self.unnormalized_widths = nn.Parameter(torch.zeros(self.features, self.bins))
+        self.unnormalized_heights = nn.Parameter(torch.zeros(self.features, self.bins))
         identity = math.log(math.expm1(1 - min_derivative))  # δ_k = 1 everywhere: identity map
-        self.unnormalized_derivatives = nn.Parameter(torch.full((features, bins - 1), identity))
+        self.unnormalized_derivatives = nn.Parameter(torch.full((self.features, self.bins - 1), identity))
 
     def _spline(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x)
